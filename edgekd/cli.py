@@ -1,0 +1,247 @@
+"""edgekd's command line: build, status, gate, report, devices.
+
+Exit codes: 0 built and every gate check passed; 1 built but the gate failed; 2 bad input or a stage error
+(one clear line on stderr, no traceback unless --debug).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from edgekd.errors import EdgekdError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Distil a PyTorch teacher into a small quantized student, export, evaluate, benchmark, gate.")
+devices_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, invoke_without_command=True,
+                          help="List target profiles, or show one.")
+app.add_typer(devices_app, name="devices")
+
+_DEBUG = {"on": False}
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _fail(exc: BaseException, code: int = 2) -> None:
+    if _DEBUG["on"]:
+        raise exc
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    print(f"edgekd: error: {text}", file=sys.stderr, flush=True)
+    raise typer.Exit(code)
+
+
+def _guard(fn):
+    """Run a command body, mapping user errors to one line + exit 2 and bugs to one line + exit 2."""
+    try:
+        return fn()
+    except typer.Exit:
+        raise
+    except EdgekdError as exc:
+        _fail(exc, exc.exit_code)
+    except KeyboardInterrupt:
+        print("edgekd: interrupted; finished stages are kept, rerun to continue", file=sys.stderr)
+        raise typer.Exit(130)
+    except Exception as exc:  # noqa: BLE001 - an internal error still gets one line, the traceback with --debug
+        if _DEBUG["on"]:
+            raise
+        where = ""
+        tb = exc.__traceback__
+        while tb and tb.tb_next:
+            tb = tb.tb_next
+        if tb:
+            where = f" (at {Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno})"
+        _fail(RuntimeError(f"internal error: {type(exc).__name__}: {exc}{where}; rerun with --debug for details"))
+
+
+def _load(pipeline: Optional[Path], target: str):
+    from edgekd.config import load_pipeline
+    from edgekd.paths import DEFAULT_PIPELINE
+    from edgekd.targets.profiles import load_profile
+
+    cfg = load_pipeline(pipeline or DEFAULT_PIPELINE)
+    profile = load_profile(target)
+    return cfg, profile
+
+
+def _run_dir(run_dir: Optional[Path], cfg, profile) -> Path:
+    return Path(run_dir) if run_dir else Path("runs") / f"{cfg.name}-{profile.name}"
+
+
+@app.command()
+def build(
+    target: str = typer.Option("android-arm64", "--target", "-t", help="target profile name or .yaml path"),
+    pipeline: Optional[Path] = typer.Option(None, "--pipeline", "-p", help="pipeline YAML (default: Fashion-MNIST)"),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="default: runs/<pipeline>-<target>"),
+    from_stage: Optional[str] = typer.Option(None, "--from", help="rerun this stage and everything after it"),
+    only: Optional[str] = typer.Option(None, "--only", help="run only this stage (its inputs must exist)"),
+    force: bool = typer.Option(False, "--force", help="ignore the cache, rebuild every stage"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+):
+    """Run the pipeline: data, teacher, distill, export, quantize, TFLite, evaluate, benchmark, gate, report."""
+    _DEBUG["on"] = debug
+
+    def body():
+        from edgekd.pipeline.engine import Engine
+        from edgekd.pipeline.store import RunLock
+        from edgekd.reports.render import write_reports
+        from edgekd.stages import all_stages
+
+        if from_stage and only:
+            raise EdgekdError("--from and --only cannot be combined")
+        cfg, profile = _load(pipeline, target)
+        rd = _run_dir(run_dir, cfg, profile)
+        _say(f"edgekd build: pipeline {cfg.name} ({cfg.source}) -> target {profile.name}; run dir {rd}")
+        t0 = time.perf_counter()
+        with RunLock(rd):
+            engine = Engine(all_stages(), cfg, profile, rd, log=_say, debug=debug)
+            result = engine.build(from_stage=from_stage, only=only, force=force)
+            report = None
+            if "report" in result.outputs and any(r.name == "report" for r in result.records):
+                report = dict(result.outputs["report"].data)
+                report["stages"] = [{"name": r.name, "status": r.status, "seconds": round(r.seconds, 3),
+                                     **({"message": r.message} if r.message else {})} for r in result.records]
+                report["build_seconds"] = round(time.perf_counter() - t0, 2)
+                paths = write_reports(report, rd)
+        _say("stages: " + ", ".join(f"{r.name}={r.status}" for r in result.records))
+        if report is not None:
+            _say(f"report: {paths['md']} and {paths['json']}")
+        if result.error is not None:
+            raise result.error
+        if report is not None and not report["gate"]["passed"]:
+            failed = [c["name"] for c in report["gate"]["checks"] if not c["passed"]]
+            print(f"edgekd: gate failed: {', '.join(failed[:6])}" + (" ..." if len(failed) > 6 else ""),
+                  file=sys.stderr)
+            raise typer.Exit(1)
+        if report is not None:
+            _say(f"gate passed in {time.perf_counter() - t0:.1f} s")
+
+    _guard(body)
+
+
+@app.command()
+def status(
+    target: str = typer.Option("android-arm64", "--target", "-t"),
+    pipeline: Optional[Path] = typer.Option(None, "--pipeline", "-p"),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+):
+    """Each stage's state: up-to-date, stale (and why), missing, failed, skipped."""
+
+    def body():
+        from edgekd.pipeline.engine import Engine
+        from edgekd.stages import all_stages
+
+        cfg, profile = _load(pipeline, target)
+        rd = _run_dir(run_dir, cfg, profile)
+        rows = Engine(all_stages(), cfg, profile, rd).status()
+        if as_json:
+            print(json.dumps(rows, indent=2))
+            return
+        _say(f"run dir {rd} (pipeline {cfg.name}, target {profile.name})")
+        for row in rows:
+            _say(f"  {row['stage']:14s} {row['state']:10s} {row['why']}")
+
+    _guard(body)
+
+
+@app.command()
+def gate(
+    source: Path = typer.Argument(..., help="a run directory or its report.json"),
+):
+    """Re-evaluate the gate from a build's stored results (no rebuild). Exit 0 pass, 1 fail, 2 bad input."""
+
+    def body():
+        report = _read_report(source)
+        checks = report.get("gate", {}).get("checks", [])
+        for c in checks:
+            value = "n/a" if c.get("value") is None else f"{c['value']:.4g}"
+            _say(f"{'PASS' if c['passed'] else 'FAIL'}  {c['name']}: {value} (limit {c['limit']:.4g})")
+        passed = bool(report.get("gate", {}).get("passed")) and all(c["passed"] for c in checks)
+        _say(f"gate {'passed' if passed else 'FAILED'}")
+        if not passed:
+            raise typer.Exit(1)
+
+    _guard(body)
+
+
+@app.command()
+def report(
+    source: Path = typer.Argument(..., help="a run directory or its report.json"),
+    fmt: str = typer.Option("md", "--format", "-f", help="md or json"),
+):
+    """Print a build's report."""
+
+    def body():
+        from edgekd.reports.render import to_markdown
+
+        r = _read_report(source)
+        if fmt == "md":
+            print(to_markdown(r))
+        elif fmt == "json":
+            print(json.dumps(r, indent=2))
+        else:
+            raise EdgekdError(f"--format {fmt}: unknown format (md, json)")
+
+    _guard(body)
+
+
+def _read_report(source: Path) -> dict:
+    path = source / "report.json" if source.is_dir() else source
+    if not path.is_file():
+        raise EdgekdError(f"no report at {path}: run `edgekd build` first")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        raise EdgekdError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or data.get("schema") != "edgekd.report/1":
+        raise EdgekdError(f"{path}: not an edgekd report (schema edgekd.report/1)")
+    return data
+
+
+@devices_app.callback()
+def devices(ctx: typer.Context):
+    """List the target profiles in devices/."""
+    if ctx.invoked_subcommand is not None:
+        return
+
+    def body():
+        from edgekd.targets.profiles import available_profiles, load_profile
+
+        for name in available_profiles():
+            p = load_profile(name)
+            _say(f"{name:18s} {p.kind:4s} {p.cpu_arch:7s} {p.description}")
+
+    _guard(body)
+
+
+@devices_app.command("show")
+def devices_show(name: str = typer.Argument(..., help="profile name or .yaml path")):
+    """Print one target profile, validated."""
+
+    def body():
+        import yaml
+
+        from edgekd.targets.profiles import load_profile
+
+        print(yaml.safe_dump(load_profile(name).as_dict(), sort_keys=False).rstrip())
+
+    _guard(body)
+
+
+def main() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if "--debug" in sys.argv:
+        _DEBUG["on"] = True
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""User-facing errors. The CLI prints each as one line and exits 2 (never a traceback)."""
+
+
+class EdgekdError(Exception):
+    """Base of every error that is the user's to fix: bad config, data, checkpoint, or a stage failure."""
+
+    exit_code = 2
+
+
+class ConfigError(EdgekdError):
+    """A pipeline or target-profile file is malformed or holds an impossible value."""
+
+
+class DataError(EdgekdError):
+    """A dataset is missing, empty, or does not fit the models."""
+
+
+class CheckpointError(EdgekdError):
+    """A checkpoint is unsafe, corrupt, or for another architecture."""
+
+
+class StageError(EdgekdError):
+    """A stage could not produce its outputs (conversion failed, parity broke, loss diverged...)."""
+
+    def __init__(self, stage: str, message: str):
+        super().__init__(f"stage {stage}: {message}")
+        self.stage = stage
+
+
+class LockedError(EdgekdError):
+    """Another build holds the run directory."""

@@ -1,0 +1,126 @@
+"""Architectures by name. Every model takes (N, C, H, W) float inputs in [0, 1] and returns (N, classes) logits.
+
+The input normalization is the model's first layer, so an exported file is self-contained: the app feeds
+pixels scaled to [0, 1], exactly what the evaluation feeds.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+class Normalize(nn.Module):
+    def __init__(self, mean: float, std: float):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(float(mean)))
+        self.register_buffer("std", torch.tensor(float(std)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def _conv_bn(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class CNN(nn.Module):
+    """conv-bn-relu blocks with 2x2 max-pooling after each, then a hidden dense layer and the classifier.
+
+    `features` and `classifier` are named so feature/attention KD and pruning can pick layers by path.
+    """
+
+    def __init__(self, input_shape: tuple[int, int, int], num_classes: int, channels=(32, 64), hidden: int = 256,
+                 dropout: float = 0.25):
+        super().__init__()
+        c, h, w = input_shape
+        blocks: list[nn.Module] = []
+        for cout in channels:
+            blocks += [_conv_bn(c, cout), nn.MaxPool2d(2) if min(h, w) >= 2 else nn.Identity()]
+            if min(h, w) >= 2:
+                h, w = h // 2, w // 2
+            c = cout
+        self.features = nn.Sequential(*blocks)
+        self.flatten = nn.Flatten()
+        self.hidden = nn.Sequential(nn.Linear(c * h * w, hidden), nn.ReLU(), nn.Dropout(dropout))
+        self.classifier = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.hidden(self.flatten(self.features(x))))
+
+
+class MLP(nn.Module):
+    """Flatten, then ReLU hidden layers (Hinton et al.'s 800-800 student by default)."""
+
+    def __init__(self, input_shape: tuple[int, int, int], num_classes: int, hidden=(800, 800), dropout: float = 0.0):
+        super().__init__()
+        c, h, w = input_shape
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = c * h * w
+        for units in hidden:
+            layers += [nn.Linear(width, units), nn.ReLU()] + ([nn.Dropout(dropout)] if dropout else [])
+            width = units
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class DepthwiseCNN(nn.Module):
+    """MobileNet-style student: a stem conv, then depthwise-separable blocks, global pooling, classifier."""
+
+    def __init__(self, input_shape: tuple[int, int, int], num_classes: int, channels=(16, 32, 64)):
+        super().__init__()
+        c, h, w = input_shape
+        layers: list[nn.Module] = [_conv_bn(c, channels[0])]
+        c = channels[0]
+        for cout in channels[1:]:
+            layers += [nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+                       nn.Conv2d(c, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+            if min(h, w) >= 2:
+                layers.append(nn.MaxPool2d(2))
+                h, w = h // 2, w // 2
+            c = cout
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.classifier = nn.Linear(c, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pool(self.features(x)))
+
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    "cnn-teacher": lambda shape, n, **kw: CNN(shape, n, **{"channels": (32, 64), "hidden": 1024, **kw}),
+    "cnn-small": lambda shape, n, **kw: CNN(shape, n, **{"channels": (16, 32), "hidden": 64, "dropout": 0.1, **kw}),
+    "cnn": CNN,
+    "mlp": MLP,
+    "depthwise-cnn": DepthwiseCNN,
+}
+
+
+def build_model(arch: str, args: dict, input_shape: tuple[int, int, int], num_classes: int,
+                mean: float = 0.0, std: float = 1.0) -> nn.Sequential:
+    """A model = Normalize(mean, std) followed by the named architecture. Shapes: (N,C,H,W) -> (N, classes)."""
+    from edgekd.errors import ConfigError
+
+    try:
+        body = ARCHITECTURES[arch](tuple(input_shape), num_classes, **{k: _tuple(v) for k, v in args.items()})
+    except TypeError as exc:
+        raise ConfigError(f"architecture {arch!r}: bad args {args}: {exc}") from None
+    return nn.Sequential(Normalize(mean, std), body)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _tuple(v):
+    return tuple(v) if isinstance(v, list) else v
+
+
+def model_from_config(mcfg, input_shape: tuple[int, int, int], num_classes: int) -> nn.Sequential:
+    """Build the model a pipeline section (teacher or student) describes."""
+    return build_model(mcfg.arch, mcfg.args, input_shape, num_classes, mcfg.normalize.mean, mcfg.normalize.std)

@@ -1,0 +1,324 @@
+"""The build engine: stage order, content-addressed cache, atomic stage outputs, resume, status.
+
+A stage is a pass with a `run(ctx) -> data` contract: it reads its inputs' files through `ctx.input_path`,
+writes its own files into `ctx.out_dir`, and returns a JSON-able summary. The engine keys each stage's output
+by a digest of everything that determines it:
+
+    key = sha256(edgekd version, stage name, the stage's config section, the target profile (if the stage
+                 uses it), and the content digests of its input stages' outputs)
+
+so a change anywhere reruns exactly that stage and what depends on it. Outputs land as
+`stages/<name>/` with a `manifest.json` (key, file digests, summary); the folder is written under a temporary
+name and renamed into place only when the stage succeeded, so a crash never leaves a half-written output
+that a later run trusts. `stages/<name>.work/` keeps per-epoch checkpoints for resuming a killed stage.
+
+This module imports no ML library.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from edgekd import __version__
+from edgekd.errors import EdgekdError, StageError
+from edgekd.pipeline.store import atomic_write_json, read_json, sha256_file, sha256_json
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class StageOutput:
+    """What a finished stage left: files (logical name -> path relative to the run dir) and its summary."""
+
+    name: str
+    files: dict[str, str]
+    digests: dict[str, str]
+    data: dict
+    key: str
+
+    @property
+    def content_digest(self) -> str:
+        return sha256_json({"files": self.digests, "data": self.data})
+
+
+@dataclass
+class StageContext:
+    cfg: Any
+    target: Any
+    run_dir: Path
+    out_dir: Path
+    work_dir: Path
+    inputs: dict[str, StageOutput]
+    log: Callable[[str], None]
+    options: dict = field(default_factory=dict)
+
+    def input_path(self, stage: str, file: str) -> Path:
+        out = self.inputs.get(stage)
+        if out is None or file not in out.files:
+            raise StageError(self.options.get("stage", "?"), f"input {stage}/{file} is missing")
+        return self.run_dir / out.files[file]
+
+    def has_input(self, stage: str, file: str | None = None) -> bool:
+        out = self.inputs.get(stage)
+        return out is not None and (file is None or file in out.files)
+
+    def input_data(self, stage: str) -> dict:
+        out = self.inputs.get(stage)
+        return out.data if out is not None else {}
+
+
+class Stage:
+    """Base class of the pipeline's passes. Subclasses set `name`, `deps` and implement `config` and `run`."""
+
+    name: str = ""
+    deps: tuple[str, ...] = ()  # required upstream stages
+    optional_deps: tuple[str, ...] = ()  # used when present (a failed or disabled one is simply absent)
+    uses_target: bool = False
+    description: str = ""
+
+    def config(self, cfg: Any) -> Optional[dict]:
+        """The part of the pipeline config that determines this stage's output; None = stage disabled."""
+        raise NotImplementedError
+
+    def extra_key(self, cfg: Any) -> dict:
+        """Content outside the config that determines the output (e.g. a dataset's or checkpoint's digest)."""
+        return {}
+
+    def run(self, ctx: StageContext) -> dict:
+        raise NotImplementedError
+
+
+@dataclass
+class StageRecord:
+    name: str
+    status: str  # ran | cached | failed | skipped | not-run
+    seconds: float = 0.0
+    message: str = ""
+
+
+@dataclass
+class BuildResult:
+    records: list[StageRecord]
+    outputs: dict[str, StageOutput]
+    error: Optional[EdgekdError] = None
+
+
+class Engine:
+    def __init__(self, stages: Sequence[Stage], cfg: Any, target: Any, run_dir: Path,
+                 log: Callable[[str], None] = print, debug: bool = False, options: dict | None = None):
+        self.stages = list(stages)
+        self.by_name = {s.name: s for s in self.stages}
+        self.cfg, self.target, self.run_dir = cfg, target, Path(run_dir)
+        self.log, self.debug = log, debug
+        self.options = options or {}
+
+    # ------------------------------------------------------------------------------------------ keys
+
+    def key_parts(self, stage: Stage, inputs: dict[str, StageOutput]) -> dict:
+        return {
+            "edgekd": __version__,
+            "stage": stage.name,
+            "config": stage.config(self.cfg),
+            "extra": stage.extra_key(self.cfg),
+            "target": self.target.digest() if stage.uses_target else None,
+            "inputs": {name: out.content_digest for name, out in sorted(inputs.items())},
+        }
+
+    def stage_dir(self, name: str) -> Path:
+        return self.run_dir / "stages" / name
+
+    def load_output(self, name: str, verify: bool = True) -> tuple[Optional[StageOutput], str]:
+        """The stored output of a stage, or (None, why not). With `verify`, file digests are re-checked."""
+        manifest = read_json(self.stage_dir(name) / MANIFEST)
+        if not isinstance(manifest, dict) or "key" not in manifest:
+            return None, "missing"
+        out = StageOutput(name, manifest["files"], manifest["digests"], manifest["data"], manifest["key"])
+        if verify:
+            for file, rel in out.files.items():
+                path = self.run_dir / rel
+                if not path.is_file():
+                    return None, f"file {rel} is gone"
+                if sha256_file(path) != out.digests[file]:
+                    return None, f"file {rel} was modified or corrupted (digest mismatch)"
+        return out, ""
+
+    # ------------------------------------------------------------------------------------------ build
+
+    def build(self, from_stage: str | None = None, only: str | None = None, force: bool = False) -> BuildResult:
+        for opt, value in (("--from", from_stage), ("--only", only)):
+            if value is not None and value not in self.by_name:
+                names = ", ".join(self.by_name)
+                raise EdgekdError(f"{opt} {value}: no such stage (stages: {names})")
+        order = [s.name for s in self.stages]
+        forced = set()
+        if force:
+            forced = set(order)
+        elif from_stage:
+            forced = set(order[order.index(from_stage):])
+        records: list[StageRecord] = []
+        outputs: dict[str, StageOutput] = {}
+        failed: set[str] = set()
+        error: Optional[EdgekdError] = None
+        for stage in self.stages:
+            if only and stage.name != only:
+                out, _ = self.load_output(stage.name, verify=False)
+                if out is not None:
+                    outputs[stage.name] = out
+                continue
+            if stage.config(self.cfg) is None:
+                records.append(StageRecord(stage.name, "skipped", message="disabled in the pipeline"))
+                continue
+            missing = [d for d in stage.deps if d not in outputs]
+            if missing:
+                if only:
+                    raise EdgekdError(f"--only {only}: its input {missing[0]} has not been built in {self.run_dir}; "
+                                      f"run `edgekd build` (or --only {missing[0]}) first")
+                records.append(StageRecord(stage.name, "not-run", message=f"needs {', '.join(missing)}"))
+                continue
+            inputs = {d: outputs[d] for d in (*stage.deps, *stage.optional_deps) if d in outputs}
+            parts = self.key_parts(stage, inputs)
+            key = sha256_json(parts)
+            if not (only or stage.name in forced):
+                cached, why = self.load_output(stage.name)
+                if cached is not None and cached.key == key:
+                    outputs[stage.name] = cached
+                    records.append(StageRecord(stage.name, "cached"))
+                    continue
+                if cached is None and why not in ("missing",):
+                    self.log(f"warning: {stage.name}: stored output rejected: {why}; rebuilding")
+            t0 = time.perf_counter()
+            try:
+                out = self._run_stage(stage, inputs, key, parts)
+            except EdgekdError as exc:
+                seconds = time.perf_counter() - t0
+                self._mark_failed(stage.name, str(exc))
+                records.append(StageRecord(stage.name, "failed", seconds, str(exc)))
+                failed.add(stage.name)
+                error = error or exc
+                continue
+            outputs[stage.name] = out
+            records.append(StageRecord(stage.name, "ran", time.perf_counter() - t0))
+        return BuildResult(records, outputs, error)
+
+    def _run_stage(self, stage: Stage, inputs: dict[str, StageOutput], key: str, parts: dict) -> StageOutput:
+        final = self.stage_dir(stage.name)
+        tmp = final.parent / f".{stage.name}.tmp-{os.getpid()}"
+        work = final.parent / f"{stage.name}.work"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        # The work folder (checkpoints) survives a killed run, but only for the same key.
+        if read_json(work / "key.json") != {"key": key}:
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            atomic_write_json(work / "key.json", {"key": key})
+        ctx = StageContext(self.cfg, self.target, self.run_dir, tmp, work, inputs,
+                           lambda msg: self.log(f"[{stage.name}] {msg}"), {**self.options, "stage": stage.name})
+        self.log(f"==> {stage.name}")
+        try:
+            data = stage.run(ctx) or {}
+        except EdgekdError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        except KeyboardInterrupt:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        except Exception as exc:  # noqa: BLE001 - an unexpected failure becomes one clear line
+            shutil.rmtree(tmp, ignore_errors=True)
+            if self.debug:
+                raise
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            raise StageError(stage.name, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                             f" (at {Path(where.filename).name}:{where.lineno}; rerun with --debug for the traceback)"
+                             ) from None
+        files, digests = {}, {}
+        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            rel_in_stage = path.relative_to(tmp).as_posix()
+            files[rel_in_stage] = (Path("stages") / stage.name / rel_in_stage).as_posix()
+            digests[rel_in_stage] = sha256_file(path)
+        manifest = {"stage": stage.name, "key": key, "key_parts": parts, "files": files, "digests": digests,
+                    "data": data, "edgekd": __version__, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        atomic_write_json(tmp / MANIFEST, manifest)
+        # Swap the finished folder into place: old output (if any) is removed only after the new one is complete.
+        old = final.parent / f".{stage.name}.old-{os.getpid()}"
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+        (final.parent / f"{stage.name}.failed.json").unlink(missing_ok=True)
+        return StageOutput(stage.name, files, digests, data, key)
+
+    def _mark_failed(self, name: str, message: str) -> None:
+        atomic_write_json(self.stage_dir(name).parent / f"{name}.failed.json",
+                          {"stage": name, "error": message, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+    # ------------------------------------------------------------------------------------------ status
+
+    def status(self) -> list[dict]:
+        """Each stage's state without running anything: up-to-date, stale (with why), missing, failed, skipped."""
+        rows: list[dict] = []
+        outputs: dict[str, StageOutput] = {}
+        fresh: dict[str, bool] = {}
+        for stage in self.stages:
+            if stage.config(self.cfg) is None:
+                rows.append({"stage": stage.name, "state": "skipped", "why": "disabled in the pipeline"})
+                continue
+            failed = read_json(self.stage_dir(stage.name).parent / f"{stage.name}.failed.json")
+            out, why = self.load_output(stage.name)
+            if out is None:
+                state = "failed" if failed else "missing"
+                rows.append({"stage": stage.name, "state": state,
+                             "why": failed["error"] if failed else ("" if why == "missing" else why)})
+                fresh[stage.name] = False
+                continue
+            outputs[stage.name] = out
+            stale_deps = [d for d in (*stage.deps, *stage.optional_deps) if d in fresh and not fresh[d]]
+            inputs = {d: outputs[d] for d in (*stage.deps, *stage.optional_deps) if d in outputs}
+            parts = self.key_parts(stage, inputs)
+            if stale_deps:
+                state, reason = "stale", f"input {stale_deps[0]} is not up to date"
+            elif sha256_json(parts) == out.key:
+                state, reason = "up-to-date", ""
+            else:
+                state, reason = "stale", _why_changed(read_json(self.stage_dir(stage.name) / MANIFEST).get("key_parts", {}),
+                                                      parts)
+            if failed and state != "up-to-date":
+                state, reason = "failed", failed["error"]
+            fresh[stage.name] = state == "up-to-date"
+            rows.append({"stage": stage.name, "state": state, "why": reason})
+        return rows
+
+
+def _why_changed(old: dict, new: dict) -> str:
+    if old.get("edgekd") != new.get("edgekd"):
+        return f"edgekd version changed ({old.get('edgekd')} -> {new.get('edgekd')})"
+    if old.get("config") != new.get("config"):
+        changed = _diff_keys(old.get("config"), new.get("config"))
+        return "config changed: " + (", ".join(changed[:4]) if changed else "section")
+    if old.get("extra") != new.get("extra"):
+        return "source content changed: " + ", ".join(_diff_keys(old.get("extra"), new.get("extra"))[:4])
+    if old.get("target") != new.get("target"):
+        return "target profile changed"
+    changed = [k for k in set(old.get("inputs", {})) | set(new.get("inputs", {}))
+               if old.get("inputs", {}).get(k) != new.get("inputs", {}).get(k)]
+    return "input changed: " + ", ".join(sorted(changed)) if changed else "key changed"
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [prefix.rstrip(".")] if a != b else []
+
+
+def eprint(msg: str) -> None:
+    print(msg, file=sys.stderr)

@@ -1,0 +1,38 @@
+"""onnxruntime on the CPU execution provider: batch prediction and a bare timed call for benchmarks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+class OrtRunner:
+    def __init__(self, path: str | Path, threads: int = 1, providers: list | None = None,
+                 optimization: str = "all", profile_prefix: str | None = None):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        so.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                                       "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                                       "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[optimization]
+        if profile_prefix:
+            so.enable_profiling = True
+            so.profile_file_prefix = profile_prefix
+        self.session = ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def predict(self, x_nchw: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """x (N, C, H, W) float32 -> logits (N, K) float32."""
+        outs = [self.session.run(None, {self.input_name: np.ascontiguousarray(x_nchw[i:i + batch_size])})[0]
+                for i in range(0, len(x_nchw), batch_size)]
+        return np.concatenate(outs).astype(np.float32)
+
+    def prepare(self, x_nchw: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(x_nchw, dtype=np.float32)
+
+    def run_raw(self, x: np.ndarray):
+        return self.session.run(None, {self.input_name: x})

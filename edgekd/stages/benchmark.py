@@ -1,0 +1,81 @@
+"""benchmark: latency and memory of every artifact and of the teacher, each in its own process, under the profile.
+
+The figures are measured on this host with the profile's thread count; they are labelled so and are never
+presented as the target device's latency.
+"""
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from edgekd.errors import StageError
+from edgekd.pipeline.engine import Stage, StageContext
+from edgekd.stages.artifacts import collect
+from edgekd.stages.common import load_splits
+from edgekd.targets.profiles import cpu_model
+
+
+def run_worker(spec: dict, timeout: float = 600) -> dict:
+    """One measurement in a fresh interpreter (isolated RSS, no torch/TF loaded)."""
+    proc = subprocess.run([sys.executable, "-m", "edgekd.runtimes.bench_worker", json.dumps(spec)],
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        raise StageError("benchmark", f"measuring {Path(spec['path']).name} failed: "
+                                      f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+    result = json.loads(lines[-1])
+    if "error" in result:
+        raise StageError("benchmark", f"measuring {Path(spec['path']).name} failed: {result['error']}")
+    return result
+
+
+class BenchmarkStage(Stage):
+    name = "benchmark"
+    deps = ("data", "export_onnx")
+    optional_deps = ("quantize", "export_tflite")
+    uses_target = True
+    description = "latency and memory under the target profile (host-measured)"
+
+    def config(self, cfg):
+        return {"benchmark": cfg.section("benchmark")}
+
+    def extra_key(self, cfg):
+        # Latency belongs to the machine it was measured on: another host -> measure again.
+        return {"host": f"{platform.node()}|{cpu_model()}|{os.cpu_count()}"}
+
+    def run(self, ctx: StageContext) -> dict:
+        cfg, target = ctx.cfg.benchmark, ctx.target
+        threads = min(target.threads, os.cpu_count() or 1)
+        splits = load_splits(ctx)
+        measured_on = target.host_measured_label + (f"; {threads} threads" +
+                                                    (f" (profile asks {target.threads})" if threads < target.threads
+                                                     else ""))
+        jobs = [(a.name, a.path, a.runtime, a.rel_path) for a in collect(ctx) if a.runtime in target.runtimes]
+        if cfg.include_teacher:
+            jobs.append(("teacher_fp32.onnx", ctx.input_path("export_onnx", "teacher_fp32.onnx"), "onnxruntime",
+                         ctx.inputs["export_onnx"].files["teacher_fp32.onnx"]))
+        results = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            inputs = Path(tmp) / "input.npy"
+            np.save(inputs, splits.x_test[:cfg.batch_size])
+            for name, path, runtime, rel in jobs:
+                spec = {"path": str(path), "runtime": runtime, "threads": threads, "warmup": cfg.warmup,
+                        "runs": cfg.runs, "input_npy": str(inputs)}
+                r = run_worker(spec)
+                r.update({"runtime": runtime, "size_bytes": path.stat().st_size, "measured_on": measured_on,
+                          "threads": threads})
+                results[name] = r
+                lat = r["latency_ms"]
+                ctx.log(f"{name:22s} {runtime:12s} p50 {lat['p50']:.3f} ms  p90 {lat['p90']:.3f}  p99 {lat['p99']:.3f}"
+                        f"  load {r['load_ms']:.1f} ms  peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB")
+        skipped = [a.name for a in collect(ctx) if a.runtime not in target.runtimes]
+        return {"measured_on": measured_on, "host_cpu": cpu_model(), "host_arch": platform.machine(),
+                "threads": threads, "batch_size": cfg.batch_size, "results": results,
+                "not_measured": {n: f"runtime not used by target {target.name}" for n in skipped}}

@@ -1,0 +1,53 @@
+"""quantize: int8 QDQ ONNX by static post-training quantization, calibrated on the training split."""
+
+import numpy as np
+
+from edgekd.errors import StageError
+from edgekd.pipeline.engine import Stage, StageContext
+from edgekd.quantize.ptq import has_vnni, quantize_qdq
+from edgekd.runtimes.ort_runner import OrtRunner
+from edgekd.stages.common import load_splits, sample
+
+
+class QuantizeStage(Stage):
+    name = "quantize"
+    deps = ("data", "export_onnx")
+    uses_target = True
+    description = "post-training int8 quantization (ONNX QDQ)"
+
+    def config(self, cfg):
+        return {"quantize": cfg.section("quantize"), "seed": cfg.seed}
+
+    def extra_key(self, cfg):
+        return {"host_vnni": has_vnni()}  # decides the activation type under an 'auto' profile
+
+    def scheme(self, ctx: StageContext) -> tuple[str, bool, bool]:
+        q, prof = ctx.cfg.quantize, ctx.target.quantization
+        act = q.activation_type or prof.activation_type
+        reduce_range = prof.reduce_range
+        if act == "auto":  # onnxruntime's guidance for x86: S8S8 with VNNI, U8S8 + reduce_range without
+            act, reduce_range = ("int8", False) if has_vnni() else ("uint8", True)
+        return act, q.per_channel and prof.per_channel, reduce_range
+
+    def run(self, ctx: StageContext) -> dict:
+        cfg = ctx.cfg.quantize
+        splits = load_splits(ctx)
+        calib = sample(splits.x_train, cfg.calibration_samples, ctx.cfg.seed + 1)
+        act, per_channel, reduce_range = self.scheme(ctx)
+        fp32 = ctx.input_path("export_onnx", "student_fp32.onnx")
+        out = ctx.out_dir / "student_int8.onnx"
+        info = quantize_qdq(fp32, out, calib, per_channel=per_channel, activation_type=act,
+                            reduce_range=reduce_range, method=cfg.calibration_method, stage=self.name)
+        x = sample(splits.x_val, 512, ctx.cfg.seed)
+        ref = OrtRunner(fp32, threads=2).predict(x)
+        got = OrtRunner(out, threads=2).predict(x)
+        agreement = float((ref.argmax(1) == got.argmax(1)).mean())
+        ctx.log(f"student_int8.onnx: {act} activations, {'per-channel' if per_channel else 'per-tensor'} int8 "
+                f"weights, {len(calib)} calibration images; top-1 agreement with fp32 {agreement:.4f}")
+        if agreement < cfg.min_fp32_agreement:
+            raise StageError(self.name, f"int8 model agrees with the fp32 model on only {agreement:.3f} of "
+                                        f"validation images (< quantize.min_fp32_agreement "
+                                        f"{cfg.min_fp32_agreement}); try calibration_method: entropy or QAT")
+        return {**info, "fp32_agreement": agreement, "max_abs_diff_vs_fp32": float(np.abs(ref - got).max()),
+                "artifacts": [{"name": "student_int8.onnx", "file": "student_int8.onnx", "format": "onnx",
+                               "precision": "int8"}]}

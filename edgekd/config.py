@@ -167,6 +167,9 @@ class BudgetConfig:
     max_latency_p90_ms: Optional[float] = None
     max_size_bytes: Optional[int] = None
     max_peak_rss_bytes: Optional[int] = None
+    # relative to the teacher, measured in the same run: student p50 / teacher fp32 p50, student / teacher params
+    max_latency_ratio_vs_teacher: Optional[float] = None
+    max_params_ratio_vs_teacher: Optional[float] = None
     # artifact names the checks apply to; None -> every artifact the build produces
     artifacts: Optional[list[str]] = None
     required_artifacts: list[str] = field(default_factory=lambda: [

@@ -251,7 +251,7 @@ def _check_parity(onnx_path: Path, paths: dict[str, Path], samples_nchw: np.ndar
     if not np.isfinite(diff) or diff > tol:
         raise StageError(STAGE, f"fp32 TFLite disagrees with ONNX: max abs diff {diff:.3g} > {tol:.3g} "
                                 f"on {len(samples_nchw)} samples (broken conversion)")
-    msg = f"export_tflite: parity vs onnxruntime on {len(samples_nchw)} samples: fp32 max abs diff {diff:.2e}"
+    msg = f"parity vs onnxruntime on {len(samples_nchw)} samples: fp32 max abs diff {diff:.2e}"
     if "int8" in paths and ref.ndim == 2:
         q = runner(paths["int8"]).predict(samples_nchw)
         agree = float(np.mean(q.argmax(1) == ref.argmax(1)))
@@ -275,7 +275,7 @@ def convert_onnx_to_tflite(onnx_path: Path, out_dir: Path, calibration_nchw: np.
         raise StageError(STAGE, f"ONNX file not found: {onnx_path}")
     model, static_batch, chw = _inspect_onnx(onnx_path)
     if static_batch is not None:
-        log(f"export_tflite: note: {onnx_path.name} has a static batch of {static_batch}; the TFLite models keep it "
+        log(f"note: {onnx_path.name} has a static batch of {static_batch}; the TFLite models keep it "
             "(export with a dynamic batch dim for resizable models)")
 
     calib_nhwc = None
@@ -330,13 +330,13 @@ def convert_onnx_to_tflite(onnx_path: Path, out_dir: Path, calibration_nchw: np.
         fp32_out = out_dir / fp32_name
         shutil.copyfile(fp32_tmp, fp32_out)
         results["fp32"] = fp32_out
-        log(f"export_tflite: onnx2tf -> {fp32_out.name} ({fp32_out.stat().st_size / 1024:.1f} KiB, NHWC input, "
+        log(f"onnx2tf -> {fp32_out.name} ({fp32_out.stat().st_size / 1024:.1f} KiB, NHWC input, "
             f"{t1 - t0:.1f}s)")
         if int8_bytes is not None:
             int8_out = out_dir / int8_name
             int8_out.write_bytes(int8_bytes)
             results["int8"] = int8_out
-            log(f"export_tflite: int8 (full-integer, {len(calib_nhwc)} calibration samples) -> {int8_out.name} "
+            log(f"int8 (full-integer, {len(calib_nhwc)} calibration samples) -> {int8_out.name} "
                 f"({len(int8_bytes) / 1024:.1f} KiB, {time.perf_counter() - t1:.1f}s)")
 
     # Parity on real inputs when available (catches traps 2 and 4 style silent breakage).

@@ -3,6 +3,7 @@
 import time
 
 from edgekd.distill.trainer import accuracy, predict_logits
+from edgekd.models.zoo import count_params
 from edgekd.pipeline.engine import Stage, StageContext
 from edgekd.runtimes.ort_runner import OrtRunner
 from edgekd.stages.artifacts import collect
@@ -21,10 +22,11 @@ class EvaluateStage(Stage):
     def run(self, ctx: StageContext) -> dict:
         splits = load_splits(ctx)
         x, y = splits.x_test, splits.y_test
-        teacher_logits = predict_logits(load_teacher(ctx, splits), x)
+        teacher, student = load_teacher(ctx, splits), load_student(ctx, splits)
+        teacher_logits = predict_logits(teacher, x)
         teacher_top1 = teacher_logits.argmax(1)
         teacher_acc = accuracy(teacher_logits, y)
-        student_torch = accuracy(predict_logits(load_student(ctx, splits), x), y)
+        student_torch = accuracy(predict_logits(student, x), y)
         ctx.log(f"test split: {len(y)} images; teacher (torch) accuracy {teacher_acc:.4f}, "
                 f"student (torch) {student_torch:.4f}")
         results = {}
@@ -41,5 +43,7 @@ class EvaluateStage(Stage):
             results[art.name] = {"accuracy": acc, "teacher_agreement": agree, "runtime": art.runtime,
                                  "samples": int(len(y)), "seconds": time.perf_counter() - t0}
             ctx.log(f"{art.name:22s} {art.runtime:12s} accuracy {acc:.4f}  agreement with teacher {agree:.4f}")
-        return {"teacher": {"accuracy": teacher_acc, "runtime": "torch", "samples": int(len(y))},
-                "student_torch_accuracy": student_torch, "artifacts": results}
+        return {"teacher": {"accuracy": teacher_acc, "runtime": "torch", "samples": int(len(y)),
+                            "params": count_params(teacher)},
+                "student_torch_accuracy": student_torch, "student_params": count_params(student),
+                "artifacts": results}

@@ -31,7 +31,20 @@ def evaluate_budget(budget, evaluation: dict, bench: dict | None) -> dict:
                 rel <= budget.max_relative_accuracy_drop)
         if budget.min_accuracy is not None:
             add(f"accuracy[{name}]", name, acc, budget.min_accuracy, acc >= budget.min_accuracy)
+        if budget.max_params_ratio_vs_teacher is not None:
+            ratio = evaluation["student_params"] / evaluation["teacher"]["params"]
+            add(f"params_ratio_vs_teacher[{name}]", name, ratio, budget.max_params_ratio_vs_teacher,
+                ratio <= budget.max_params_ratio_vs_teacher)
         m = measured.get(name)
+        if budget.max_latency_ratio_vs_teacher is not None:
+            ref = measured.get("teacher_fp32.onnx")
+            if m is None or ref is None:
+                add(f"latency_ratio_vs_teacher[{name}]", name, None, budget.max_latency_ratio_vs_teacher, False,
+                    "not measured (benchmark.include_teacher must be on)")
+            else:
+                ratio = m["latency_ms"]["p50"] / ref["latency_ms"]["p50"]
+                add(f"latency_ratio_vs_teacher[{name}]", name, ratio, budget.max_latency_ratio_vs_teacher,
+                    ratio <= budget.max_latency_ratio_vs_teacher, "p50 / teacher fp32 ONNX p50, same host and run")
         for key, limit, value in (
                 ("latency_p50_ms", budget.max_latency_p50_ms, m and m["latency_ms"]["p50"]),
                 ("latency_p90_ms", budget.max_latency_p90_ms, m and m["latency_ms"]["p90"]),

@@ -4,10 +4,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+CHROMIUM := /usr/bin/chromium
 
-.PHONY: setup build test test-fast dataset clean
+.PHONY: setup build test test-fast dataset browser clean
 
-setup: $(VENV)/.installed dataset
+setup: $(VENV)/.installed dataset browser
 
 # torch is installed first and pinned, so pip never resolves a multi-GB CUDA build.
 $(VENV)/.installed: requirements.txt pyproject.toml
@@ -23,6 +24,12 @@ dataset: $(FMNIST)
 $(FMNIST):
 	$(SUDO) apt-get update -q
 	$(SUDO) apt-get install -y -q dataset-fashion-mnist
+
+# Debian's chromium renders report.html headless in the tests (the report page itself needs no browser to build).
+browser: $(CHROMIUM)
+$(CHROMIUM):
+	$(SUDO) apt-get update -q
+	$(SUDO) apt-get install -y -q chromium
 
 build: setup
 	$(BIN)/edgekd build --target android-arm64

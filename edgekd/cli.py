@@ -112,7 +112,7 @@ def build(
                 paths = write_reports(report, rd)
         _say("stages: " + ", ".join(f"{r.name}={r.status}" for r in result.records))
         if report is not None:
-            _say(f"report: {paths['md']} and {paths['json']}")
+            _say("report: " + ", ".join(str(p) for p in paths.values()))
         if result.error is not None:
             raise result.error
         if report is not None and not report["gate"]["passed"]:
@@ -155,40 +155,80 @@ def status(
 @app.command()
 def gate(
     source: Path = typer.Argument(..., help="a run directory or its report.json"),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", "-b",
+                                            help="an earlier report.json (or run dir) to check for regressions"),
+    pipeline: Optional[Path] = typer.Option(None, "--pipeline", "-p",
+                                            help="take the budget from this pipeline YAML instead of the stored one"),
+    out: Optional[Path] = typer.Option(None, "--out", help="write the re-evaluated report here in every format "
+                                                           "(report.json, .md, .html, .junit.xml)"),
+    as_json: bool = typer.Option(False, "--json", help="print the gate result as JSON"),
 ):
-    """Re-evaluate the gate from a build's stored results (no rebuild). Exit 0 pass, 1 fail, 2 bad input."""
+    """Re-evaluate the gate from a build's stored results (no rebuild). Exit 0 pass, 1 fail, 2 bad input.
+
+    The budget and the regression tolerances come from the pipeline config stored in the report
+    (`budget`, `budget.regression`), or from --pipeline.
+    """
 
     def body():
+        from edgekd.reports.checks import format_check
+        from edgekd.reports.render import write_reports
+        from edgekd.stages.gate import regate
+
         report = _read_report(source)
-        checks = report.get("gate", {}).get("checks", [])
-        for c in checks:
-            value = "n/a" if c.get("value") is None else f"{c['value']:.4g}"
-            _say(f"{'PASS' if c['passed'] else 'FAIL'}  {c['name']}: {value} (limit {c['limit']:.4g})")
-        passed = bool(report.get("gate", {}).get("passed")) and all(c["passed"] for c in checks)
-        _say(f"gate {'passed' if passed else 'FAILED'}")
-        if not passed:
+        base = _read_report(baseline) if baseline is not None else None
+        budget = None
+        if pipeline is not None:
+            from edgekd.config import load_pipeline, to_plain
+
+            budget = load_pipeline(pipeline).budget
+            # the re-evaluated report shows (and plots) the budget it was checked against
+            report = {**report, "config": {**report.get("config", {}), "budget": to_plain(budget)}}
+        where = str(source / "report.json" if source.is_dir() else source)
+        result = regate(report, budget=budget, baseline=base, where=where)
+        if pipeline is not None:
+            result["budget_source"] = str(pipeline)
+        if out is not None:
+            if out.resolve() == (source if source.is_dir() else source.parent).resolve():
+                raise EdgekdError(f"--out {out}: that is the build's own report; choose another directory")
+            write_reports({**report, "gate": result}, out)
+        if as_json:
+            print(json.dumps(result, indent=2))
+        else:
+            for c in result["checks"]:
+                _say(format_check(c))
+            for w in (result.get("regression") or {}).get("warnings", []):
+                _say(f"warning: {w}")
+            _say(f"gate {'passed' if result['passed'] else 'FAILED'}; best artifact: {result['best_artifact']}"
+                 + (f" (vs baseline {baseline})" if baseline is not None else ""))
+        if not result["passed"]:
             raise typer.Exit(1)
 
     _guard(body)
 
 
+FORMATS = ("md", "html", "json", "junit")
+
+
 @app.command()
 def report(
     source: Path = typer.Argument(..., help="a run directory or its report.json"),
-    fmt: str = typer.Option("md", "--format", "-f", help="md or json"),
+    fmt: str = typer.Option("md", "--format", "-f", help="md, html, json or junit"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="write to this file instead of stdout"),
 ):
-    """Print a build's report."""
+    """Render a build's report: Markdown (pull requests), self-contained HTML with plots, JSON, JUnit XML (CI)."""
 
     def body():
-        from edgekd.reports.render import to_markdown
+        from edgekd.pipeline.store import atomic_write_text
+        from edgekd.reports.render import render
 
-        r = _read_report(source)
-        if fmt == "md":
-            print(to_markdown(r))
-        elif fmt == "json":
-            print(json.dumps(r, indent=2))
+        if fmt not in FORMATS:
+            raise EdgekdError(f"--format {fmt}: unknown format (choose {', '.join(FORMATS)})")
+        text = render(_read_report(source), fmt)
+        if output is None:
+            sys.stdout.write(text)
         else:
-            raise EdgekdError(f"--format {fmt}: unknown format (md, json)")
+            atomic_write_text(output, text)
+            _say(f"wrote {output}")
 
     _guard(body)
 

@@ -74,6 +74,11 @@ class ModelConfig:
         if self.arch not in ARCHITECTURES:
             raise ConfigError(f"{where}.arch: unknown architecture {self.arch!r}{_suggest(self.arch, ARCHITECTURES)}; "
                               f"choose one of {', '.join(sorted(ARCHITECTURES))}")
+        from edgekd.models.zoo import check_args
+
+        problem = check_args(self.arch, self.args)
+        if problem:
+            raise ConfigError(f"{where}.args: {problem}")
 
 
 @dataclass
@@ -82,6 +87,95 @@ class TeacherConfig(ModelConfig):
     checkpoint: Optional[str] = None  # a state dict for `arch`; None -> train one here (needs `train`)
     allow_pickle: bool = False  # load a pickled full checkpoint (can execute code); only for files you trust
     train: Optional[TrainConfig] = None
+    # Teacher input adapter: the [H, W] this teacher expects; each batch is resized (bilinear) for it. Its own
+    # normalization is its `normalize` (baked into the model), so teacher and student may differ in both.
+    input_size: Optional[list[int]] = None
+    name: Optional[str] = None  # with `teachers:`, the teacher's name in the report and in feature paths NAME/PATH
+    weight: float = 1.0  # with `teachers:`, its weight in the averaged soft targets (normalized over teachers)
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        _check(self.input_size is None or (len(self.input_size) == 2 and all(v >= 1 for v in self.input_size)),
+               where, "input_size", "must be [height, width] with both >= 1")
+        _check(self.weight >= 0, where, "weight", "must be >= 0")
+
+
+# Distillation methods. Each is a section with a `weight`; a bare number is its weight (`kd: 1.0`). The student's
+# loss is (1 - alpha) * CE(labels) + alpha * sum over methods of weight * that method's loss.
+
+@dataclass
+class KDMethod:
+    """Logit KD (Hinton et al. 2015): T^2 * KL(teacher || student) at distill.temperature."""
+
+    weight: float = 1.0
+
+    def validate(self, where: str) -> None:
+        _check(self.weight >= 0, where, "weight", "must be >= 0")
+
+
+def _check_pairs(pairs: list, where: str) -> None:
+    _check(len(pairs) > 0, where, "pairs", "needs at least one [teacher module path, student module path]")
+    for i, pair in enumerate(pairs):
+        _check(len(pair) == 2, where, f"pairs[{i}]", f"must be [teacher module path, student module path], got {pair}")
+
+
+@dataclass
+class FeatureMethod:
+    """FitNets hints: MSE between teacher and (1x1-conv adapted, resized) student feature maps, per layer pair."""
+
+    weight: float = 1.0
+    pairs: list[list[str]] = field(default_factory=list)  # [[teacher path, student path], ...], e.g. 1.features.3
+
+    def validate(self, where: str) -> None:
+        _check(self.weight >= 0, where, "weight", "must be >= 0")
+        _check_pairs(self.pairs, where)
+
+
+@dataclass
+class AttentionMethod:
+    """Attention transfer (Zagoruyko & Komodakis 2017) on layer pairs; weight plays the paper's beta."""
+
+    weight: float = 1000.0
+    pairs: list[list[str]] = field(default_factory=list)
+    p: float = 2.0  # attention map = sum over channels of |A|^p
+
+    def validate(self, where: str) -> None:
+        _check(self.weight >= 0, where, "weight", "must be >= 0")
+        _check(self.p > 0, where, "p", "must be > 0")
+        _check_pairs(self.pairs, where)
+
+
+@dataclass
+class RKDMethod:
+    """Relational KD (Park et al. 2019): distance- and angle-wise structure of a batch's embeddings."""
+
+    weight: float = 1.0
+    distance: float = 25.0  # lambda_D of the paper
+    angle: float = 50.0  # lambda_A of the paper
+    # penultimate: the input of each model's last Linear layer; logits: the outputs (teacher cache stays usable)
+    embedding: Literal["penultimate", "logits"] = "penultimate"
+    pair: Optional[list[str]] = None  # [teacher path, student path]: these modules' outputs instead of `embedding`
+
+    def validate(self, where: str) -> None:
+        for name in ("weight", "distance", "angle"):
+            _check(getattr(self, name) >= 0, where, name, "must be >= 0")
+        _check(self.pair is None or len(self.pair) == 2, where, "pair", "must be [teacher module path, student module path]")
+
+
+@dataclass
+class MethodsConfig:
+    kd: Optional[KDMethod] = None
+    feature: Optional[FeatureMethod] = None
+    attention: Optional[AttentionMethod] = None
+    rkd: Optional[RKDMethod] = None
+
+    def validate(self, where: str) -> None:
+        if not self.chosen():
+            raise ConfigError(f"{where}: choose at least one method: kd, feature, attention, rkd")
+
+    def chosen(self) -> dict[str, Any]:
+        """The selected methods by name, in a fixed order."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
 
 
 @dataclass
@@ -91,6 +185,8 @@ class DistillConfig(TrainConfig):
     temperature_schedule: Literal["constant", "linear", "cosine"] = "constant"
     temperature_end: Optional[float] = None  # final temperature for linear/cosine decay
     cache_teacher_outputs: bool = True  # inputs are not augmented, so teacher logits are computed once
+    # which teacher signals the student learns from, with weights; default: logit KD only
+    methods: MethodsConfig = field(default_factory=lambda: MethodsConfig(kd=KDMethod()))
 
     def validate(self, where: str) -> None:
         super().validate(where)
@@ -100,6 +196,15 @@ class DistillConfig(TrainConfig):
             _check(self.temperature_end is not None, where, "temperature_end",
                    f"is required with temperature_schedule {self.temperature_schedule!r}")
         _check(self.temperature_end is None or self.temperature_end > 0, where, "temperature_end", "must be > 0")
+
+
+@dataclass
+class AssistantConfig(ModelConfig):
+    """Teacher-assistant chain (Mirzadeh et al. 2020): a mid-size model is distilled from the teacher first, and the
+    student is then distilled from it instead of from the teacher."""
+
+    arch: str = "cnn"
+    distill: Optional[DistillConfig] = None  # how the assistant learns from the teacher; None -> the pipeline's
 
 
 @dataclass
@@ -118,7 +223,7 @@ class QuantizeConfig:
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
     per_channel: bool = True
     # None -> follow the target profile (S8S8 for ARM and VNNI x86; U8S8 + reduce_range without VNNI)
-    activation_type: Optional[Literal["int8", "uint8"]] = None
+    activation_type: Optional[Literal["int8", "uint8", "uint16"]] = None
     min_fp32_agreement: float = 0.9  # int8 vs fp32 top-1 on the parity inputs; below -> stage fails
 
     def validate(self, where: str) -> None:
@@ -145,6 +250,50 @@ class EvaluateConfig:
     batch_size: int = 256
 
 
+def _recovery_defaults(**kw):
+    return lambda: DistillConfig(**{"epochs": 5, "lr": 1e-3, "alpha": 0.7, **kw})
+
+
+@dataclass
+class PruneConfig:
+    """Structured channel pruning of the distilled student, then distillation from the teacher to recover."""
+
+    enabled: bool = False  # the stage runs only with `prune: {enabled: true, ...}`
+    ratio: Optional[float] = None  # fraction of each prunable layer's channels removed, in [0, 1)
+    target_macs: Optional[int] = None  # instead of a ratio: prune until the student's MACs are at most this
+    importance: Literal["l1", "l2"] = "l2"  # group magnitude norm that ranks channels
+    global_pruning: bool = False  # rank channels across layers (uneven widths) instead of per layer
+    recovery: DistillConfig = field(default_factory=_recovery_defaults())  # KD fine-tuning after pruning
+
+    def validate(self, where: str) -> None:
+        if not self.enabled:
+            return
+        _check((self.ratio is None) != (self.target_macs is None), where, "ratio",
+               "give either ratio or target_macs (exactly one)")
+        _check(self.ratio is None or 0.0 <= self.ratio < 1.0, where, "ratio", "must be in [0, 1)")
+        _check(self.target_macs is None or self.target_macs > 0, where, "target_macs", "must be > 0")
+
+
+@dataclass
+class QATConfig(DistillConfig):
+    """Quantization-aware training of the (pruned) student with the KD loss on (torchao PT2E), int8 exports."""
+
+    enabled: bool = False  # the stage runs only with `qat: {enabled: true, ...}`
+    epochs: int = 3
+    lr: float = 2e-4
+    alpha: float = 0.7
+    tflite: bool = True  # also an int8 TFLite with the QAT weights and ranges (parity-checked vs the QAT ONNX)
+    calibration_samples: int = 256  # TFLite converter's representative set (ranges are clamped to QAT's)
+    min_tflite_agreement: float = 0.97  # top-1 agreement of the QAT TFLite with the QAT ONNX; below -> stage fails
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        _check(set(self.methods.chosen()) <= {"kd"}, where, "methods",
+               "QAT trains an exported graph: only logit KD (methods.kd) is supported")
+        _check(self.calibration_samples >= 1, where, "calibration_samples", "must be >= 1")
+        _check(0 <= self.min_tflite_agreement <= 1, where, "min_tflite_agreement", "must be in [0, 1]")
+
+
 @dataclass
 class BenchmarkConfig:
     warmup: int = 20
@@ -159,8 +308,10 @@ class BenchmarkConfig:
 
 
 @dataclass
-class BudgetConfig:
-    max_accuracy_drop: Optional[float] = 0.015  # teacher accuracy minus artifact accuracy (fraction)
+class Limits:
+    """The per-artifact limits of a budget. None = no check. Accuracies are fractions (0.015 = 1.5 points)."""
+
+    max_accuracy_drop: Optional[float] = None  # teacher accuracy minus artifact accuracy
     max_relative_accuracy_drop: Optional[float] = None  # drop / teacher accuracy
     min_accuracy: Optional[float] = None
     max_latency_p50_ms: Optional[float] = None
@@ -170,10 +321,58 @@ class BudgetConfig:
     # relative to the teacher, measured in the same run: student p50 / teacher fp32 p50, student / teacher params
     max_latency_ratio_vs_teacher: Optional[float] = None
     max_params_ratio_vs_teacher: Optional[float] = None
-    # artifact names the checks apply to; None -> every artifact the build produces
+    # share of the graph's nodes placed on the target's accelerator (execution-provider placement report)
+    min_accelerator_node_fraction: Optional[float] = None
+
+    def validate(self, where: str) -> None:
+        for name in ("min_accuracy", "min_accelerator_node_fraction"):
+            value = getattr(self, name)
+            _check(value is None or 0.0 <= value <= 1.0, where, name, "must be in [0, 1]")
+        for name in ("max_latency_p50_ms", "max_latency_p90_ms", "max_size_bytes", "max_peak_rss_bytes",
+                     "max_latency_ratio_vs_teacher", "max_params_ratio_vs_teacher"):
+            value = getattr(self, name)
+            _check(value is None or value > 0, where, name, "must be > 0")
+
+    def overridden_by(self, other: "Limits") -> "Limits":
+        """These limits with every limit `other` sets replacing ours."""
+        return Limits(**{f.name: getattr(other, f.name) if getattr(other, f.name) is not None else getattr(self, f.name)
+                         for f in dataclasses.fields(Limits)})
+
+
+@dataclass
+class RegressionConfig:
+    """Tolerances against a baseline report (`edgekd gate RUN --baseline OLD/report.json`). None = no check."""
+
+    max_latency_increase: Optional[float] = 0.10  # relative: 0.10 = the artifact's latency may grow 10%
+    latency_percentile: Literal["p50", "p90", "p99"] = "p50"
+    max_accuracy_decrease: Optional[float] = 0.005  # absolute fraction: 0.005 = half an accuracy point
+    max_size_increase: Optional[float] = None  # relative
+    max_peak_rss_increase: Optional[float] = None  # relative
+
+    def validate(self, where: str) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name.startswith("max_"):
+                _check(value is None or value >= 0, where, f.name, "must be >= 0")
+
+
+@dataclass
+class BudgetConfig(Limits):
+    max_accuracy_drop: Optional[float] = 0.015
+    # artifact names the limits above apply to; None -> every artifact the build produces
     artifacts: Optional[list[str]] = None
+    # limits for one artifact, replacing the ones above for it: {student_int8.tflite: {max_latency_p50_ms: 2}}
+    per_artifact: dict[str, Limits] = field(default_factory=dict)
     required_artifacts: list[str] = field(default_factory=lambda: [
         "student_fp32.onnx", "student_int8.onnx", "student_fp32.tflite", "student_int8.tflite"])
+    regression: RegressionConfig = field(default_factory=RegressionConfig)
+
+    def limits_for(self, artifact: str) -> Optional[Limits]:
+        """The limits that apply to `artifact`, or None when the budget does not cover it."""
+        own = self.per_artifact.get(artifact)
+        if self.artifacts is not None and artifact not in self.artifacts:
+            return own
+        return self.overridden_by(own) if own is not None else self
 
 
 @dataclass
@@ -182,8 +381,12 @@ class PipelineConfig:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    teachers: Optional[list[TeacherConfig]] = None  # several teachers (an ensemble), each like `teacher`
     student: ModelConfig = field(default_factory=ModelConfig)
+    assistant: Optional[AssistantConfig] = None  # teacher -> assistant -> student
     distill: DistillConfig = field(default_factory=DistillConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    qat: QATConfig = field(default_factory=QATConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     tflite: TFLiteConfig = field(default_factory=TFLiteConfig)
@@ -193,8 +396,29 @@ class PipelineConfig:
     source: str = field(default="<memory>", metadata={"internal": True})
 
     def validate(self, where: str) -> None:
-        if self.teacher.checkpoint is None and self.teacher.train is None:
-            raise ConfigError(f"{where}: teacher: give either 'checkpoint' (a state dict) or 'train' (train one here)")
+        if self.teachers is not None:
+            if not self.teachers:
+                raise ConfigError(f"{where}: teachers: list at least one teacher")
+            if self.teacher != TeacherConfig():
+                raise ConfigError(f"{where}: give either 'teacher' (one) or 'teachers' (several), not both")
+        for key, t in zip(self.teacher_keys(), self.teacher_list()):
+            if t.checkpoint is None and t.train is None:
+                raise ConfigError(f"{where}: {key}: give either 'checkpoint' (a state dict) or 'train' (train one here)")
+        names = self.teacher_names()
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{where}: teachers: names must be unique, got {names}")
+        _check_method_paths(self, where)
+
+    def teacher_list(self) -> list[TeacherConfig]:
+        """The teachers: the `teachers:` list, or the one `teacher:`."""
+        return list(self.teachers) if self.teachers is not None else [self.teacher]
+
+    def teacher_keys(self) -> list[str]:
+        return [f"teachers[{i}]" for i in range(len(self.teachers))] if self.teachers is not None else ["teacher"]
+
+    def teacher_names(self) -> list[str]:
+        """Each teacher's name (its `name`, else its index), as the report and NAME/PATH feature paths use it."""
+        return [t.name or str(i) for i, t in enumerate(self.teacher_list())]
 
     def section(self, name: str) -> Any:
         """A section as plain data, for cache keys and report.json."""
@@ -202,6 +426,33 @@ class PipelineConfig:
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(to_plain(self), sort_keys=True).encode()).hexdigest()
+
+
+def _check_method_paths(cfg: PipelineConfig, where: str) -> None:
+    """Module paths named by the distillation methods exist in their models: checked on models built at a nominal
+    input size before anything runs (the distill stage checks again on the real ones)."""
+    chain = [(cfg.distill, cfg.student, "distill", dict(zip(cfg.teacher_names(), cfg.teacher_list())))]
+    if cfg.assistant is not None:
+        chain = [(cfg.assistant.distill or cfg.distill, cfg.assistant, "assistant.distill" if cfg.assistant.distill
+                  else "distill", chain[0][3]),
+                 (cfg.distill, cfg.student, "distill", {"assistant": cfg.assistant})]
+    if not any(d.methods.feature or d.methods.attention or (d.methods.rkd and d.methods.rkd.pair)
+               for d, *_ in chain):
+        return
+    from edgekd.distill.objective import check_paths
+    from edgekd.models.zoo import model_from_config
+
+    def nominal(mcfg):
+        try:
+            return model_from_config(mcfg, (1, 32, 32), 10)
+        except Exception:  # noqa: BLE001 - an architecture that needs its real input shape is checked at run time
+            return None
+
+    for dcfg, student_cfg, key, teacher_cfgs in chain:
+        student = nominal(student_cfg)
+        teachers = {name: nominal(t) for name, t in teacher_cfgs.items()}
+        if student is not None and all(t is not None for t in teachers.values()):
+            check_paths(dcfg.methods, student, teachers, f"{where}: {key}.methods")
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -258,6 +509,8 @@ def _coerce(tp: Any, value: Any, file: str, key: str):
                               f"{_suggest(str(value), [str(a) for a in args])}")
         return value
     if dataclasses.is_dataclass(tp):
+        if "weight" in {f.name for f in dataclasses.fields(tp)} and _is_number(value):
+            value = {"weight": value}  # shorthand: a bare number is a weighted section's weight
         return parse_section(tp, value, file, prefix=f"{key}.")
     if tp is bool:
         if not isinstance(value, bool):
@@ -284,8 +537,14 @@ def _coerce(tp: Any, value: Any, file: str, key: str):
     if tp is dict or origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{file}: {key}: expected a mapping, got {_type_name(value)}")
+        if args:
+            return {str(k): _coerce(args[1], v, file, f"{key}.{k}") for k, v in value.items()}
         return value
     return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check(ok: bool, where: str, key: str, problem: str) -> None:

@@ -31,6 +31,10 @@ class KDSettings:
     temperature: float
     schedule: str = "constant"
     temperature_end: Optional[float] = None
+    weight: float = 1.0  # of the KD term within alpha's share: alpha * weight * KD + (1 - alpha) * CE
+    # maps a batch's teacher output to the logits KD matches at temperature T, e.g. several teachers'
+    # (B, M, K) logits to the ensemble's soft targets: targets(teacher_out, T) -> (B, K)
+    targets: Optional[Callable[[torch.Tensor, float], torch.Tensor]] = None
 
 
 @dataclass
@@ -73,16 +77,19 @@ def train(model: nn.Module, cfg: TrainConfig, x_train: np.ndarray, y_train: np.n
     """Train `model` in place.
 
     x_train: (N, C, H, W) float32, y_train: (N,) int64. With `kd`, the soft targets come from `teacher_logits`
-    ((N, K), precomputed: the teacher output cache) or else from running the frozen `teacher` on each batch.
-    `extra_loss(student_batch_out, batch_x) -> dict of named terms` adds feature-level losses (their "loss" key is
-    added to the total).
+    ((N, K), precomputed: the teacher output cache) or else from running the frozen `teacher` on each batch
+    (several teachers: (N, M, K) outputs, turned into the ensemble's targets by `kd.targets`).
+    `extra_loss(student_logits, batch_x, teacher_logits) -> dict of named terms` adds feature-level losses (its
+    "loss" is added to the total; `teacher_logits` is the batch's teacher output as the KD term used it, None
+    without `kd`); `extra_params` (e.g. its adapters) are optimized and checkpointed with the model.
     """
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     if teacher is not None:
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-    params = list(model.parameters()) + list(extra_params or [])
+    extra_params = list(extra_params or [])
+    params = list(model.parameters()) + extra_params
     optimizer = _optimizer(cfg, params)
     steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
@@ -96,6 +103,9 @@ def train(model: nn.Module, cfg: TrainConfig, x_train: np.ndarray, y_train: np.n
     if ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
+        with torch.no_grad():
+            for p, saved in zip(extra_params, state.get("extra_params", [])):
+                p.copy_(saved)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = int(state["epoch"])
@@ -118,6 +128,7 @@ def train(model: nn.Module, cfg: TrainConfig, x_train: np.ndarray, y_train: np.n
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             xb, yb = x_t[idx], y_t[idx]
             logits = model(xb)
+            tb = None
             if kd is not None:
                 progress = (epoch * steps_per_epoch + step) / max(1, total_steps - 1)
                 temperature = temperature_at(progress, kd.temperature, kd.temperature_end, kd.schedule)
@@ -126,12 +137,14 @@ def train(model: nn.Module, cfg: TrainConfig, x_train: np.ndarray, y_train: np.n
                 else:
                     with torch.no_grad():
                         tb = teacher(xb)
-                terms = kd_objective(logits, tb, yb, kd.alpha, temperature)
+                if kd.targets is not None:
+                    tb = kd.targets(tb, temperature)
+                terms = kd_objective(logits, tb, yb, kd.alpha, temperature, kd.weight)
             else:
                 ce = F.cross_entropy(logits, yb)
                 terms = {"loss": ce, "ce": ce.detach()}
             if extra_loss is not None:
-                extra = extra_loss(logits, xb)
+                extra = extra_loss(logits, xb, tb)
                 terms["loss"] = terms["loss"] + extra.pop("loss")
                 terms.update({k: v.detach() for k, v in extra.items()})
             loss = terms["loss"]
@@ -154,20 +167,22 @@ def train(model: nn.Module, cfg: TrainConfig, x_train: np.ndarray, y_train: np.n
             row["temperature"] = temperature
         result.history.append(row)
         log(f"epoch {epoch + 1}/{cfg.epochs}  " + "  ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "epoch"))
-        _save_checkpoint(ckpt_path, model, optimizer, scheduler, epoch + 1, result.history)
+        _save_checkpoint(ckpt_path, model, optimizer, scheduler, epoch + 1, result.history, extra_params)
     result.seconds = time.perf_counter() - t0
     model.eval()
     return result
 
 
-def _save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, history: list[dict]) -> None:
+def _save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, history: list[dict],
+                     extra_params: list) -> None:
     import io
 
     keys = sorted({k for row in history for k in row})
     table = torch.tensor([[float(row.get(k, float("nan"))) for k in keys] for row in history], dtype=torch.float64)
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "epoch": epoch, "history": table, "history_keys": keys}, buf)
+                "epoch": epoch, "history": table, "history_keys": keys,
+                "extra_params": [p.detach().clone() for p in extra_params]}, buf)
     atomic_write_bytes(path, buf.getvalue())
 
 

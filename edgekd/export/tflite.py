@@ -303,7 +303,7 @@ def convert_onnx_to_tflite(onnx_path: Path, out_dir: Path, calibration_nchw: np.
         del model
         saved_model_dir = tmp_dir / "saved_model"
 
-        step = "onnx2tf"
+        step = f"{fp32_name}: onnx2tf conversion of {onnx_path.name}"
         captured: Path | None = None
         with _restored_process_state():
             try:
@@ -312,7 +312,7 @@ def convert_onnx_to_tflite(onnx_path: Path, out_dir: Path, calibration_nchw: np.
                     t1 = time.perf_counter()
                     int8_bytes = None
                     if calib_nhwc is not None:
-                        step = "int8 quantization"
+                        step = f"{int8_name}: int8 quantization"
                         int8_bytes = _quantize_int8(saved_model_dir, calib_nhwc)
             except StageError:
                 raise

@@ -22,8 +22,12 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
-def _conv_bn(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "gelu": nn.GELU, "silu": nn.SiLU}
+
+
+def _conv_bn(cin: int, cout: int, activation: str = "relu") -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+                         ACTIVATIONS[activation]())
 
 
 class CNN(nn.Module):
@@ -33,18 +37,20 @@ class CNN(nn.Module):
     """
 
     def __init__(self, input_shape: tuple[int, int, int], num_classes: int, channels=(32, 64), hidden: int = 256,
-                 dropout: float = 0.25):
+                 dropout: float = 0.25, activation: str = "relu"):
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise TypeError(f"activation {activation!r} is not one of {', '.join(ACTIVATIONS)}")
         c, h, w = input_shape
         blocks: list[nn.Module] = []
         for cout in channels:
-            blocks += [_conv_bn(c, cout), nn.MaxPool2d(2) if min(h, w) >= 2 else nn.Identity()]
+            blocks += [_conv_bn(c, cout, activation), nn.MaxPool2d(2) if min(h, w) >= 2 else nn.Identity()]
             if min(h, w) >= 2:
                 h, w = h // 2, w // 2
             c = cout
         self.features = nn.Sequential(*blocks)
         self.flatten = nn.Flatten()
-        self.hidden = nn.Sequential(nn.Linear(c * h * w, hidden), nn.ReLU(), nn.Dropout(dropout))
+        self.hidden = nn.Sequential(nn.Linear(c * h * w, hidden), ACTIVATIONS[activation](), nn.Dropout(dropout))
         self.classifier = nn.Linear(hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,13 +98,29 @@ class DepthwiseCNN(nn.Module):
         return self.classifier(self.pool(self.features(x)))
 
 
-ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
-    "cnn-teacher": lambda shape, n, **kw: CNN(shape, n, **{"channels": (32, 64), "hidden": 1024, **kw}),
-    "cnn-small": lambda shape, n, **kw: CNN(shape, n, **{"channels": (16, 32), "hidden": 64, "dropout": 0.1, **kw}),
-    "cnn": CNN,
-    "mlp": MLP,
-    "depthwise-cnn": DepthwiseCNN,
+# name -> (class, preset keyword arguments); pipeline `args` override the presets.
+ARCHITECTURES: dict[str, tuple[type[nn.Module], dict]] = {
+    "cnn-teacher": (CNN, {"channels": (32, 64), "hidden": 1024}),
+    "cnn-small": (CNN, {"channels": (16, 32), "hidden": 64, "dropout": 0.1}),
+    "cnn": (CNN, {}),
+    "mlp": (MLP, {}),
+    "depthwise-cnn": (DepthwiseCNN, {}),
 }
+
+
+def check_args(arch: str, args: dict) -> str | None:
+    """The problem with `args` for `arch` (an unknown keyword, with a suggestion), or None."""
+    import difflib
+    import inspect
+
+    cls = ARCHITECTURES[arch][0]
+    params = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "input_shape", "num_classes")]
+    for key in args:
+        if key not in params:
+            close = difflib.get_close_matches(key, params, n=1, cutoff=0.6)
+            return (f"unknown argument {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                    + f"; {arch} takes {', '.join(params)}")
+    return None
 
 
 def build_model(arch: str, args: dict, input_shape: tuple[int, int, int], num_classes: int,
@@ -107,7 +129,8 @@ def build_model(arch: str, args: dict, input_shape: tuple[int, int, int], num_cl
     from edgekd.errors import ConfigError
 
     try:
-        body = ARCHITECTURES[arch](tuple(input_shape), num_classes, **{k: _tuple(v) for k, v in args.items()})
+        cls, preset = ARCHITECTURES[arch]
+        body = cls(tuple(input_shape), num_classes, **{**preset, **{k: _tuple(v) for k, v in args.items()}})
     except TypeError as exc:
         raise ConfigError(f"architecture {arch!r}: bad args {args}: {exc}") from None
     return nn.Sequential(Normalize(mean, std), body)

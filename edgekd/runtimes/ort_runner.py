@@ -7,6 +7,20 @@ from pathlib import Path
 import numpy as np
 
 
+def optimized_op_types(path: str | Path, work_dir: str | Path) -> list[str]:
+    """The op types onnxruntime actually runs after its graph optimizations (ORT_ENABLE_ALL, CPU), read back from
+    the optimized graph it writes out: shows whether a QDQ model runs integer kernels (QLinearConv, QGemm...)."""
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(Path(work_dir) / (Path(path).stem + ".ort-optimized.onnx"))
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return sorted({n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node})
+
+
 class OrtRunner:
     def __init__(self, path: str | Path, threads: int = 1, providers: list | None = None,
                  optimization: str = "all", profile_prefix: str | None = None):

@@ -2,6 +2,12 @@
 
 The figures are measured on this host with the profile's thread count; they are labelled so and are never
 presented as the target device's latency.
+
+With an execution provider in the target profile, each artifact the EP takes also gets a placement report (nodes
+and op types on the EP vs elsewhere, from onnxruntime's own records), and where the EP runs here (QNN's HTP
+simulator, in its own runtime environment) the accuracy through it and the precompiled EPContext model
+(edgekd/runtimes/accelerator.py). A profile's device runner measures on a real Android device over adb, or says
+why it could not (edgekd/runtimes/adb.py).
 """
 
 import json
@@ -39,7 +45,7 @@ def run_worker(spec: dict, timeout: float = 600) -> dict:
 class BenchmarkStage(Stage):
     name = "benchmark"
     deps = ("data", "export_onnx")
-    optional_deps = ("quantize", "export_tflite")
+    optional_deps = ("quantize", "export_tflite", "qat")
     uses_target = True
     description = "latency and memory under the target profile (host-measured)"
 
@@ -76,6 +82,29 @@ class BenchmarkStage(Stage):
                 ctx.log(f"{name:22s} {runtime:12s} p50 {lat['p50']:.3f} ms  p90 {lat['p90']:.3f}  p99 {lat['p99']:.3f}"
                         f"  load {r['load_ms']:.1f} ms  peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB")
         skipped = [a.name for a in collect(ctx) if a.runtime not in target.runtimes]
-        return {"measured_on": measured_on, "host_cpu": cpu_model(), "host_arch": platform.machine(),
-                "threads": threads, "batch_size": cfg.batch_size, "results": results,
-                "not_measured": {n: f"runtime not used by target {target.name}" for n in skipped}}
+        summary = {"measured_on": measured_on, "host_cpu": cpu_model(), "host_arch": platform.machine(),
+                   "threads": threads, "batch_size": cfg.batch_size, "results": results,
+                   "not_measured": {n: f"runtime not used by target {target.name}" for n in skipped}}
+        summary.update(self.accelerator_and_device(ctx, splits, threads))
+        return summary
+
+    def accelerator_and_device(self, ctx: StageContext, splits, threads: int) -> dict:
+        """The target's execution provider (placement, accuracy, EPContext; edgekd/runtimes/accelerator.py) and
+        the optional real-device runner over adb (edgekd/runtimes/adb.py)."""
+        from edgekd.runtimes.accelerator import measure_accelerator
+        from edgekd.runtimes.adb import device_runs
+
+        cfg, target, arts = ctx.cfg.benchmark, ctx.target, collect(ctx)
+        out = {}
+        if target.uses_accelerator:
+            names = target.ep_artifacts([(a.name, a.format, a.precision) for a in arts])
+            paths = {a.name: a.path for a in arts}
+            out["accelerator"] = measure_accelerator(target, [(n, paths[n]) for n in names], ctx.out_dir,
+                                                     splits.x_test, splits.y_test, cfg.warmup, cfg.runs, threads,
+                                                     ctx.log)
+            if not names:
+                out["accelerator"]["note"] = "none of the artifacts the profile sends to the accelerator was built"
+        out["device"] = device_runs(target, [(a.name, a.path, a.runtime) for a in arts
+                                             if a.runtime in target.runtimes], target.threads, ctx.log)
+        ctx.log(f"device runner: {out['device']['message']}")
+        return out

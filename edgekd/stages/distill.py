@@ -1,16 +1,22 @@
-"""distill: train the student from the frozen teacher's soft targets (KD) plus label cross-entropy."""
+"""distill: train the student from the frozen teacher(s) with the pipeline's methods (logit KD, feature KD,
+attention transfer, RKD) plus label cross-entropy; from the assistant instead when the pipeline has one."""
 
 import numpy as np
+import torch
 
-from edgekd.distill.trainer import KDSettings, accuracy, predict_logits, train
+from edgekd.distill.run import distill_model
+from edgekd.distill.teachers import BatchTeacher
+from edgekd.distill.trainer import accuracy, predict_logits
+from edgekd.errors import StageError
 from edgekd.models.zoo import count_params, model_from_config
 from edgekd.pipeline.engine import Stage, StageContext
-from edgekd.stages.common import load_splits, load_teacher, save_state_dict
+from edgekd.stages.common import batch_teacher, load_splits, save_state_dict
 
 
 class DistillStage(Stage):
     name = "distill"
     deps = ("data", "teacher")
+    optional_deps = ("assistant",)
     description = "distil the student from the teacher"
 
     def config(self, cfg):
@@ -19,23 +25,34 @@ class DistillStage(Stage):
     def run(self, ctx: StageContext) -> dict:
         cfg = ctx.cfg.distill
         splits = load_splits(ctx)
-        teacher = load_teacher(ctx, splits)
         student = model_from_config(ctx.cfg.student, splits.input_shape, splits.num_classes)
-        teacher_logits = None
-        if cfg.cache_teacher_outputs:
-            teacher_logits = np.load(ctx.input_path("teacher", "train_logits.npy"))
-        ctx.log(f"student {ctx.cfg.student.arch}: {count_params(student):,} params "
-                f"(teacher {count_params(teacher):,}); alpha={cfg.alpha}, T={cfg.temperature}"
+        if ctx.cfg.assistant is not None:
+            teacher, cache_file, weights = _assistant(ctx, splits), ctx.input_path("assistant", "train_logits.npy"), [1.0]
+            source = f"assistant {ctx.cfg.assistant.arch}"
+        else:
+            teacher, cache_file, weights = batch_teacher(ctx, splits)
+            source = f"{len(weights)} teachers" if len(weights) > 1 else f"teacher {ctx.cfg.teacher.arch}"
+        ctx.log(f"student {ctx.cfg.student.arch}: {count_params(student):,} params, from the {source} "
+                f"({count_params(teacher):,} params); T={cfg.temperature}"
                 + (f"->{cfg.temperature_end} ({cfg.temperature_schedule})" if cfg.temperature_schedule != "constant"
-                   else "") + f", teacher outputs {'cached' if teacher_logits is not None else 'computed per batch'}")
-        result = train(student, cfg, splits.x_train, splits.y_train, splits.x_val, splits.y_val,
-                       seed=ctx.cfg.seed, work_dir=ctx.work_dir, log=ctx.log, stage="distill",
-                       kd=KDSettings(cfg.alpha, cfg.temperature, cfg.temperature_schedule, cfg.temperature_end),
-                       teacher_logits=teacher_logits, teacher=teacher)
+                   else ""))
+        run = distill_model(student, cfg, splits, teacher, cache_file, weights, seed=ctx.cfg.seed,
+                            work_dir=ctx.work_dir, log=ctx.log, stage="distill")
         save_state_dict(student, ctx.out_dir / "student.pt")
         test_acc = accuracy(predict_logits(student, splits.x_test), splits.y_test)
-        ctx.log(f"student val accuracy {result.val_accuracy:.4f}, test accuracy (torch) {test_acc:.4f}")
-        return {"arch": ctx.cfg.student.arch, "params": count_params(student), "val_accuracy": result.val_accuracy,
-                "test_accuracy_torch": test_acc, "history": result.history,
-                "resumed_from_epoch": result.resumed_from_epoch, "train_seconds": result.seconds,
-                "teacher_output_cache": teacher_logits is not None}
+        ctx.log(f"student val accuracy {run.result.val_accuracy:.4f}, test accuracy (torch) {test_acc:.4f}")
+        return {"arch": ctx.cfg.student.arch, "params": count_params(student), "val_accuracy": run.result.val_accuracy,
+                "test_accuracy_torch": test_acc, "history": run.result.history,
+                "resumed_from_epoch": run.result.resumed_from_epoch, "train_seconds": run.result.seconds,
+                "teacher_output_cache": run.teacher_output_cache, "teacher_output_cache_note": run.cache_note,
+                "methods": run.methods, "distilled_from": "assistant" if ctx.cfg.assistant is not None else "teacher"}
+
+
+def _assistant(ctx: StageContext, splits) -> BatchTeacher:
+    """The assistant the assistant stage trained, as the student's (single) teacher."""
+    if not ctx.has_input("assistant"):
+        raise StageError("distill", "the pipeline has an assistant but the assistant stage did not finish; "
+                                    "fix it first (the student is not silently distilled from the teacher instead)")
+    model = model_from_config(ctx.cfg.assistant, splits.input_shape, splits.num_classes)
+    model.load_state_dict(torch.load(ctx.input_path("assistant", "assistant.pt"), weights_only=True))
+    return BatchTeacher([model.eval()], [None], ["assistant"])

@@ -9,6 +9,7 @@ from edgekd.stages.common import load_splits, load_student, load_teacher, sample
 class ExportOnnxStage(Stage):
     name = "export_onnx"
     deps = ("data", "teacher", "distill")
+    optional_deps = ("prune",)  # the pruned student, when pruning is on
     description = "export to ONNX fp32 and check parity"
 
     def config(self, cfg):

@@ -1,56 +1,100 @@
-"""teacher: load the user's teacher (a state dict, weights_only) or train one here; cache its training logits."""
+"""teacher: load the user's teacher(s) (state dicts, weights_only) or train them here; cache their training logits.
+
+With `teachers:` (several), each is loaded or trained in turn; the stage reports each one's accuracy and the
+ensemble's own (weighted mean of the members' probabilities).
+"""
+
+from pathlib import Path
 
 import numpy as np
+import torch
 
+from edgekd.distill.losses.ensemble import ensemble_logits
+from edgekd.distill.teachers import input_shape_for, with_input_size
 from edgekd.distill.trainer import accuracy, predict_logits, train
 from edgekd.errors import DataError
 from edgekd.models.checkpoint import load_into, load_state_dict
 from edgekd.models.zoo import count_params, model_from_config
 from edgekd.pipeline.engine import Stage, StageContext
 from edgekd.pipeline.store import sha256_file
-from edgekd.stages.common import load_splits, save_state_dict
+from edgekd.stages.common import load_splits, save_state_dict, teacher_file
 
 
 class TeacherStage(Stage):
     name = "teacher"
     deps = ("data",)
-    description = "load or train the teacher"
+    description = "load or train the teacher(s)"
 
     def config(self, cfg):
+        if cfg.teachers is not None:
+            return {"teachers": cfg.section("teachers"), "seed": cfg.seed}
         return {"teacher": cfg.section("teacher"), "seed": cfg.seed}
 
     def extra_key(self, cfg):
-        ckpt = cfg.teacher.checkpoint
-        from pathlib import Path
-
-        return {"checkpoint_digest": sha256_file(Path(ckpt)) if ckpt and Path(ckpt).is_file() else None}
+        digests = [sha256_file(Path(t.checkpoint)) if t.checkpoint and Path(t.checkpoint).is_file() else None
+                   for t in cfg.teacher_list()]
+        return {"checkpoint_digests": digests} if cfg.teachers is not None else {"checkpoint_digest": digests[0]}
 
     def run(self, ctx: StageContext) -> dict:
-        cfg = ctx.cfg.teacher
         splits = load_splits(ctx)
-        model = model_from_config(cfg, splits.input_shape, splits.num_classes)
-        history: list = []
-        if cfg.checkpoint:
-            state = load_state_dict(cfg.checkpoint, allow_pickle=cfg.allow_pickle)
-            _check_classes(state, splits.num_classes, cfg.checkpoint)
-            load_into(model, state, cfg.checkpoint, cfg.arch)
-            ctx.log(f"loaded {cfg.arch} from {cfg.checkpoint}")
-        else:
-            result = train(model, cfg.train, splits.x_train, splits.y_train, splits.x_val, splits.y_val,
-                           seed=ctx.cfg.seed, work_dir=ctx.work_dir, log=ctx.log, stage="teacher")
-            history = result.history
-        model.eval()
-        save_state_dict(model, ctx.out_dir / "teacher.pt")
-        # Teacher output cache: inputs are not augmented, so the soft targets are the same every epoch.
-        train_logits = predict_logits(model, splits.x_train)
-        np.save(ctx.out_dir / "train_logits.npy", train_logits)
-        val_acc = accuracy(predict_logits(model, splits.x_val), splits.y_val)
-        test_acc = accuracy(predict_logits(model, splits.x_test), splits.y_test)
-        ctx.log(f"teacher {cfg.arch}: {count_params(model):,} params, val accuracy {val_acc:.4f}, "
+        teachers, names = ctx.cfg.teacher_list(), ctx.cfg.teacher_names()
+        several = len(teachers) > 1
+        members, logits = [], {"train": [], "val": [], "test": []}
+        for i, (tcfg, name, key) in enumerate(zip(teachers, names, ctx.cfg.teacher_keys())):
+            work_dir = ctx.work_dir / f"teacher_{i}" if several else ctx.work_dir
+            work_dir.mkdir(parents=True, exist_ok=True)
+            model, history = _load_or_train(ctx, splits, tcfg, key, work_dir)
+            save_state_dict(model, ctx.out_dir / teacher_file(i, len(teachers)))
+            adapted = with_input_size(model, tcfg.input_size)
+            # Teacher output cache: inputs are not augmented, so the soft targets are the same every epoch.
+            for split in logits:
+                logits[split].append(predict_logits(adapted, getattr(splits, f"x_{split}")))
+            val_acc = accuracy(logits["val"][-1], splits.y_val)
+            test_acc = accuracy(logits["test"][-1], splits.y_test)
+            ctx.log(f"teacher {name if several else ''}{' ' if several else ''}{tcfg.arch}: {count_params(model):,} "
+                    f"params, val accuracy {val_acc:.4f}, test accuracy (torch) {test_acc:.4f}"
+                    + (f"; input resized to {tcfg.input_size}" if tcfg.input_size else ""))
+            members.append({"name": name, "arch": tcfg.arch, "params": count_params(model),
+                            "trained_here": tcfg.checkpoint is None, "checkpoint": tcfg.checkpoint,
+                            "input_size": tcfg.input_size, "weight": tcfg.weight, "val_accuracy": val_acc,
+                            "test_accuracy_torch": test_acc, "history": history})
+        if not several:
+            np.save(ctx.out_dir / "train_logits.npy", logits["train"][0])
+            return {k: members[0][k] for k in ("arch", "params", "trained_here", "checkpoint", "val_accuracy",
+                                               "test_accuracy_torch", "history", "input_size")}
+        # Several teachers: each one's logits (for soft targets averaged at the distillation temperature) and the
+        # ensemble's own (log of its weighted mean probabilities), for consumers that want one (N, K) target.
+        weights = [t.weight for t in teachers]
+        member_train = np.stack(logits["train"], axis=1)
+        np.save(ctx.out_dir / "train_member_logits.npy", member_train)
+        np.save(ctx.out_dir / "train_logits.npy", _ensemble(member_train, weights))
+        val_acc = accuracy(_ensemble(np.stack(logits["val"], axis=1), weights), splits.y_val)
+        test_acc = accuracy(_ensemble(np.stack(logits["test"], axis=1), weights), splits.y_test)
+        ctx.log(f"ensemble of {len(teachers)} teachers (weights {weights}): val accuracy {val_acc:.4f}, "
                 f"test accuracy (torch) {test_acc:.4f}")
-        return {"arch": cfg.arch, "params": count_params(model), "trained_here": cfg.checkpoint is None,
-                "checkpoint": cfg.checkpoint, "val_accuracy": val_acc, "test_accuracy_torch": test_acc,
-                "history": history}
+        return {"arch": "ensemble", "params": sum(m["params"] for m in members),
+                "trained_here": all(m["trained_here"] for m in members), "checkpoint": None,
+                "val_accuracy": val_acc, "test_accuracy_torch": test_acc, "history": [],
+                "members": members, "ensemble": {"weights": weights, "val_accuracy": val_acc,
+                                                 "test_accuracy_torch": test_acc}}
+
+
+def _load_or_train(ctx: StageContext, splits, tcfg, key: str, work_dir: Path):
+    """One teacher's model (built for its own input size) from its checkpoint, or trained here; and its history."""
+    model = model_from_config(tcfg, input_shape_for(splits.input_shape, tcfg.input_size), splits.num_classes)
+    if tcfg.checkpoint:
+        state = load_state_dict(tcfg.checkpoint, allow_pickle=tcfg.allow_pickle)
+        _check_classes(state, splits.num_classes, tcfg.checkpoint)
+        load_into(model, state, tcfg.checkpoint, tcfg.arch)
+        ctx.log(f"{key}: loaded {tcfg.arch} from {tcfg.checkpoint}")
+        return model.eval(), []
+    result = train(with_input_size(model, tcfg.input_size), tcfg.train, splits.x_train, splits.y_train,
+                   splits.x_val, splits.y_val, seed=ctx.cfg.seed, work_dir=work_dir, log=ctx.log, stage=key)
+    return model.eval(), result.history
+
+
+def _ensemble(member_logits: np.ndarray, weights: list[float]) -> np.ndarray:
+    return ensemble_logits(torch.from_numpy(member_logits), weights, 1.0).numpy()
 
 
 def _check_classes(state: dict, num_classes: int, path: str) -> None:

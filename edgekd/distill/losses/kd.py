@@ -22,11 +22,14 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 
 def kd_objective(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                 alpha: float, temperature: float) -> dict[str, torch.Tensor]:
-    """alpha * kd_loss + (1 - alpha) * cross-entropy(labels); returns named terms for logging, total in "loss"."""
+                 alpha: float, temperature: float, weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """alpha * weight * kd_loss + (1 - alpha) * cross-entropy(labels); named terms for logging, total in "loss".
+
+    `weight` is the KD term's share of alpha when other methods (feature, attention, RKD) share it too.
+    """
     kd = kd_loss(student_logits, teacher_logits, temperature)
     ce = F.cross_entropy(student_logits, labels)
-    return {"loss": alpha * kd + (1.0 - alpha) * ce, "kd": kd.detach(), "ce": ce.detach()}
+    return {"loss": alpha * weight * kd + (1.0 - alpha) * ce, "kd": kd.detach(), "ce": ce.detach()}
 
 
 def temperature_at(progress: float, start: float, end: float | None, schedule: str) -> float:

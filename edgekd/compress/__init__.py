@@ -1,0 +1,1 @@
+"""Compression of the distilled student: structured pruning and quantization-aware training."""

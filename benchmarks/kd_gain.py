@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from edgekd.config import DataConfig, Normalization, TrainConfig
+from edgekd.config import DataConfig, TrainConfig
 from edgekd.data.datasets import load_splits
 from edgekd.distill.trainer import KDSettings, accuracy, predict_logits, train
 from edgekd.models.zoo import build_model, count_params

@@ -6,10 +6,10 @@ Three arms train the same student (MLP 800-800) on the same 10,000 Fashion-MNIST
   kd-teacher logit KD running the teacher (cnn-teacher, 3.2M params) on every batch, as feature-level methods must
 
 Each arm runs one epoch per round, the arms interleaved round by round (so load on the machine hits all arms
-alike). The script prints each arm's median epoch time and its ratio to the ce epoch of the same round, in CPU
-time of this process (the compute an epoch costs; robust when other jobs share the machine) and in wall time.
-The teacher's weights need not be trained to measure its cost. Exit status 1 when kd-cached exceeds --limit
-(CPU time).
+alike). Per arm the script prints the best epoch over the rounds (the least disturbed one: on a shared machine
+the slower rounds measure the neighbours) in CPU time of this process and in wall time, the ratio of the bests
+to the ce arm, and the median of the per-round CPU ratios. The teacher's weights need not be trained to measure
+its cost. Exit status 1 when kd-cached's best CPU epoch exceeds --limit times ce's.
 
     python benchmarks/kd_overhead.py                 # 5 rounds
     python benchmarks/kd_overhead.py --rounds 9 --limit 1.15
@@ -37,7 +37,7 @@ ARMS = ("ce", "kd-cached", "kd-teacher")
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--train-limit", type=int, default=10_000)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--limit", type=float, default=1.15, help="max allowed kd-cached / ce epoch time")
@@ -77,14 +77,16 @@ def main() -> int:
                                                     for arm in ARMS), flush=True)
 
     print()
-    print("median over rounds; ratio = median of the per-round ratios to the ce epoch")
-    print(f"{'arm':12s} {'cpu epoch':>10s} {'cpu ratio':>10s} {'wall epoch':>11s} {'wall ratio':>11s}")
+    print(f"best of {args.rounds} rounds per arm; ratios to the ce arm")
+    print(f"{'arm':12s} {'cpu epoch':>10s} {'cpu ratio':>10s} {'wall epoch':>11s} {'wall ratio':>11s} "
+          f"{'median per-round cpu ratio':>27s}")
     ratios, wall_ratios = {}, {}
     for arm in ARMS:
-        ratios[arm] = statistics.median(a / c for a, c in zip(cpu[arm], cpu["ce"]))
-        wall_ratios[arm] = statistics.median(a / c for a, c in zip(wall[arm], wall["ce"]))
-        print(f"{arm:12s} {statistics.median(cpu[arm]):8.2f} s {ratios[arm]:9.3f}x "
-              f"{statistics.median(wall[arm]):9.2f} s {wall_ratios[arm]:10.3f}x")
+        ratios[arm] = min(cpu[arm]) / min(cpu["ce"])
+        wall_ratios[arm] = min(wall[arm]) / min(wall["ce"])
+        per_round = statistics.median(a / c for a, c in zip(cpu[arm], cpu["ce"]))
+        print(f"{arm:12s} {min(cpu[arm]):8.2f} s {ratios[arm]:9.3f}x {min(wall[arm]):9.2f} s "
+              f"{wall_ratios[arm]:10.3f}x {per_round:26.3f}x")
     ok = ratios["kd-cached"] <= args.limit
     print(f"\nKD with the teacher output cache costs {ratios['kd-cached']:.3f}x a cross-entropy epoch in CPU time "
           f"({wall_ratios['kd-cached']:.3f}x wall; limit {args.limit}x: {'PASS' if ok else 'FAIL'}); running the "

@@ -159,7 +159,8 @@ class RKDMethod:
     def validate(self, where: str) -> None:
         for name in ("weight", "distance", "angle"):
             _check(getattr(self, name) >= 0, where, name, "must be >= 0")
-        _check(self.pair is None or len(self.pair) == 2, where, "pair", "must be [teacher module path, student module path]")
+        _check(self.pair is None or len(self.pair) == 2, where, "pair",
+               "must be [teacher module path, student module path]")
 
 
 @dataclass
@@ -180,7 +181,7 @@ class MethodsConfig:
 
 @dataclass
 class DistillConfig(TrainConfig):
-    alpha: float = 0.9  # weight of the KD term; (1 - alpha) weighs the label cross-entropy
+    alpha: float = 0.9  # weight of the teacher terms (`methods`); (1 - alpha) weighs the label cross-entropy
     temperature: float = 4.0
     temperature_schedule: Literal["constant", "linear", "cosine"] = "constant"
     temperature_end: Optional[float] = None  # final temperature for linear/cosine decay
@@ -439,14 +440,18 @@ def _check_method_paths(cfg: PipelineConfig, where: str) -> None:
     if not any(d.methods.feature or d.methods.attention or (d.methods.rkd and d.methods.rkd.pair)
                for d, *_ in chain):
         return
+    import torch
+
     from edgekd.distill.objective import check_paths
     from edgekd.models.zoo import model_from_config
 
     def nominal(mcfg):
-        try:
-            return model_from_config(mcfg, (1, 32, 32), 10)
-        except Exception:  # noqa: BLE001 - an architecture that needs its real input shape is checked at run time
-            return None
+        # fork_rng: building these models must not move the global RNG that later initializes the real ones
+        with torch.random.fork_rng():
+            try:
+                return model_from_config(mcfg, (1, 32, 32), 10)
+            except Exception:  # noqa: BLE001 - an architecture that needs its real input shape is checked at run time
+                return None
 
     for dcfg, student_cfg, key, teacher_cfgs in chain:
         student = nominal(student_cfg)

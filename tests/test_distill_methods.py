@@ -1,8 +1,6 @@
 """Distillation methods wired into the pipeline: config, hooks, the per-batch teacher, the objective, and end-to-end
 builds of the method pipelines through the real CLI (slow)."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -47,10 +45,13 @@ def test_methods_parse_with_weights_and_number_shorthand(tmp_path):
 
 
 @pytest.mark.parametrize("text, needle", [
-    ("distill: {methods: {atention: {pairs: [[a, b]]}}}\n", "distill.methods.atention: unknown key (did you mean 'attention'?)"),
-    ("distill: {methods: {feature: {weight: 1, pairs: [[a, b]], pair: []}}}\n", "distill.methods.feature.pair: unknown key (did you mean 'pairs'?)"),
+    ("distill: {methods: {atention: {pairs: [[a, b]]}}}\n",
+     "distill.methods.atention: unknown key (did you mean 'attention'?)"),
+    ("distill: {methods: {feature: {weight: 1, pairs: [[a, b]], pair: []}}}\n",
+     "distill.methods.feature.pair: unknown key (did you mean 'pairs'?)"),
     ("distill: {methods: {feature: {pairs: []}}}\n", "distill.methods.feature.pairs: needs at least one"),
-    ("distill: {methods: {feature: {pairs: [[a, b, c]]}}}\n", "distill.methods.feature.pairs[0]: must be [teacher module path"),
+    ("distill: {methods: {feature: {pairs: [[a, b, c]]}}}\n",
+     "distill.methods.feature.pairs[0]: must be [teacher module path"),
     ("distill: {methods: {kd: -1}}\n", "distill.methods.kd.weight: must be >= 0"),
     ("distill: {methods: {}}\n", "distill.methods: choose at least one method"),
     ("distill: {methods: {rkd: {embedding: pooled}}}\n", "distill.methods.rkd.embedding: 'pooled' is not one of"),
@@ -86,6 +87,16 @@ def test_bad_teachers_and_assistant_are_one_clear_line(tmp_path, text, needle):
     with pytest.raises(ConfigError) as err:
         load_pipeline(path)
     assert needle in str(err.value), str(err.value)
+
+
+def test_checking_module_paths_leaves_the_random_state_alone():
+    """Path checks build models at load time; the teacher trained afterwards must get the same initial weights
+    whatever the distillation methods are (else one cache key could hold different teachers)."""
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    load_pipeline(PIPELINES / "digits-combined.yaml")
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_several_teachers_and_named_feature_paths(tmp_path):

@@ -53,7 +53,7 @@ class Ensemble(nn.Module):
     """Several teachers as one model: (N, C, H, W) -> (N, K) log of sum_m w_m softmax(z_m).
 
     Its softmax is the ensemble's predictive distribution and its argmax the ensemble's prediction; members are
-    already input-adapted modules. `member_logits` gives the members' own (N, M, K) logits.
+    already input-adapted modules.
     """
 
     def __init__(self, members: Sequence[nn.Module], weights: Sequence[float]):
@@ -61,11 +61,8 @@ class Ensemble(nn.Module):
         self.members = nn.ModuleList(members)
         self.register_buffer("log_weights", normalized_weights(weights, len(members), torch.zeros(())).log())
 
-    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([m(x) for m in self.members], dim=1)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return mix(self.member_logits(x), self.log_weights, 1.0)
+        return mix(torch.stack([m(x) for m in self.members], dim=1), self.log_weights, 1.0)
 
 
 def teacher_for_eval(models: Sequence[nn.Module], sizes: Sequence[Optional[Sequence[int]]],

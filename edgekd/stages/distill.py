@@ -1,7 +1,6 @@
 """distill: train the student from the frozen teacher(s) with the pipeline's methods (logit KD, feature KD,
 attention transfer, RKD) plus label cross-entropy; from the assistant instead when the pipeline has one."""
 
-import numpy as np
 import torch
 
 from edgekd.distill.run import distill_model
@@ -27,7 +26,8 @@ class DistillStage(Stage):
         splits = load_splits(ctx)
         student = model_from_config(ctx.cfg.student, splits.input_shape, splits.num_classes)
         if ctx.cfg.assistant is not None:
-            teacher, cache_file, weights = _assistant(ctx, splits), ctx.input_path("assistant", "train_logits.npy"), [1.0]
+            teacher, weights = _assistant(ctx, splits), [1.0]
+            cache_file = ctx.input_path("assistant", "train_logits.npy")
             source = f"assistant {ctx.cfg.assistant.arch}"
         else:
             teacher, cache_file, weights = batch_teacher(ctx, splits)

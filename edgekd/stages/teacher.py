@@ -51,8 +51,9 @@ class TeacherStage(Stage):
                 logits[split].append(predict_logits(adapted, getattr(splits, f"x_{split}")))
             val_acc = accuracy(logits["val"][-1], splits.y_val)
             test_acc = accuracy(logits["test"][-1], splits.y_test)
-            ctx.log(f"teacher {name if several else ''}{' ' if several else ''}{tcfg.arch}: {count_params(model):,} "
-                    f"params, val accuracy {val_acc:.4f}, test accuracy (torch) {test_acc:.4f}"
+            label = f"teacher {name} ({tcfg.arch})" if several else f"teacher {tcfg.arch}"
+            ctx.log(f"{label}: {count_params(model):,} params, val accuracy {val_acc:.4f}, "
+                    f"test accuracy (torch) {test_acc:.4f}"
                     + (f"; input resized to {tcfg.input_size}" if tcfg.input_size else ""))
             members.append({"name": name, "arch": tcfg.arch, "params": count_params(model),
                             "trained_here": tcfg.checkpoint is None, "checkpoint": tcfg.checkpoint,

@@ -89,11 +89,12 @@ def main() -> int:
               "p50": p["p50_median"] / u["p50_median"]}
     drop = (u["accuracy"] - p["accuracy"]) * 100
     print(f"pipeline {cfg.name} ({args.pipeline}); run dir {run_dir}")
-    print(f"fp32 ONNX, onnxruntime CPU, batch {args.batch}, {args.threads} thread(s), {args.runs} timed runs x {args.rounds} "
-          f"interleaved rounds, this host")
+    print(f"fp32 ONNX, onnxruntime CPU, batch {args.batch}, {args.threads} thread(s), {args.runs} timed runs x "
+          f"{args.rounds} interleaved rounds, this host")
     print(f"{'':10s} {'params':>10s} {'MACs':>12s} {'test acc':>9s} {'p50 ms (median of rounds)':>27s}  rounds")
     for name, row in rows.items():
-        print(f"{name:10s} {row['params']:>10,d} {row['macs']:>12,d} {row['accuracy']:>9.4f} {row['p50_median']:>27.4f}  "
+        print(f"{name:10s} {row['params']:>10,d} {row['macs']:>12,d} {row['accuracy']:>9.4f} "
+              f"{row['p50_median']:>27.4f}  "
               + " ".join(f"{v:.4f}" for v in row["p50"]))
     print(f"pruned / unpruned: params {ratios['params']:.1%}, MACs {ratios['macs']:.1%}, p50 {ratios['p50']:.1%}; "
           f"accuracy {-drop:+.2f} points")

@@ -124,9 +124,17 @@ def _truncated(tmp):
 
 
 def _snapshot(run_dir: Path) -> dict:
+    """Digests of everything built: stage outputs and reports (not the lock, failure notes or resume folders)."""
     return {p.relative_to(run_dir).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in run_dir.rglob("*") if p.is_file() and not p.name.endswith(".failed.json")
-            and p.name != ".lock"}
+            for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock" and not p.name.endswith(".failed.json")
+            and not any(part.endswith(".work") for part in p.relative_to(run_dir).parts)}
+
+
+def _assert_untouched(run_dir: Path, before: dict) -> None:
+    """Every file that was built before is still there, byte for byte."""
+    after = _snapshot(run_dir)
+    changed = sorted(k for k, v in before.items() if after.get(k) != v)
+    assert not changed, changed
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +158,7 @@ def test_bad_input_exits_2_with_one_line_and_keeps_the_build(case, built, tmp_pa
     before = _snapshot(built)
     proc = run_cli("build", *make_args(tmp_path), "--run-dir", built)
     _assert_clean_failure(proc, needle)
-    assert _snapshot(built) == before
+    _assert_untouched(built, before)
 
 
 def test_malicious_checkpoint_is_refused_and_never_runs(built, tmp_path):
@@ -163,7 +171,7 @@ def test_malicious_checkpoint_is_refused_and_never_runs(built, tmp_path):
     _assert_clean_failure(proc, "refused")
     assert "allow_pickle" in proc.stderr and "arbitrary code" in proc.stderr
     assert not marker.exists()
-    assert _snapshot(built) == before
+    _assert_untouched(built, before)
 
 
 def test_locked_run_dir_is_refused(built):

@@ -58,21 +58,28 @@ def prune_channels(model: nn.Module, example: torch.Tensor, ratio: float, import
 
 
 def ratio_for_macs(model: nn.Module, example: torch.Tensor, target_macs: int, importance: str = "l2",
-                   global_pruning: bool = False, steps: int = 12) -> float:
-    """The smallest pruning ratio whose pruned copy of `model` has at most `target_macs` MACs (bisection)."""
+                   global_pruning: bool = False, steps: int = 8) -> float:
+    """The smallest pruning ratio whose pruned copy of `model` has at most `target_macs` MACs.
+
+    A coarse scan (ratio 0.05, 0.10, ... 0.95) finds the first ratio that fits, then bisection refines it. No plain
+    bisection over [0, 1): at high ratios torch-pruning leaves a layer whole rather than remove all its channels,
+    so MACs are not monotonic in the ratio there.
+    """
+    def macs_at(ratio: float) -> int:
+        return count_macs_params(prune_channels(copy.deepcopy(model), example, ratio, importance, global_pruning),
+                                 example)[0]
+
     macs0, _ = count_macs_params(model, example)
     if macs0 <= target_macs:
         return 0.0
-    lo, hi = 0.0, 0.95
-    if count_macs_params(prune_channels(copy.deepcopy(model), example, hi, importance, global_pruning),
-                         example)[0] > target_macs:
-        raise StageError("prune", f"target_macs {target_macs:,} is out of reach: even ratio {hi} leaves more MACs "
-                                  f"(the student has {macs0:,}); raise target_macs or shrink the student")
+    hi = next((i / 20 for i in range(1, 20) if macs_at(i / 20) <= target_macs), None)
+    if hi is None:
+        raise StageError("prune", f"target_macs {target_macs:,} is out of reach: no pruning ratio up to 0.95 gets "
+                                  f"there (the student has {macs0:,}); raise target_macs or shrink the student")
+    lo = hi - 0.05
     for _ in range(steps):
         mid = (lo + hi) / 2
-        macs, _ = count_macs_params(prune_channels(copy.deepcopy(model), example, mid, importance, global_pruning),
-                                    example)
-        lo, hi = (lo, mid) if macs <= target_macs else (mid, hi)
+        lo, hi = (lo, mid) if macs_at(mid) <= target_macs else (mid, hi)
     return hi
 
 
@@ -129,6 +136,7 @@ def summary_of_layers(before: dict[str, dict], after: dict[str, dict]) -> dict[s
     for name, b in before.items():
         a: Optional[dict] = after.get(name)
         if a is not None and (a.get("in"), a["out"]) != (b.get("in"), b["out"]):
-            out[name] = f"{b['type']} out " + (f"{b['out']}->{a['out']}" if a["out"] != b["out"] else f"{b['out']} (kept)") \
-                + (f", in {b['in']}->{a['in']}" if "in" in b and b["in"] != a["in"] else "")
+            outs = f"{b['out']}->{a['out']}" if a["out"] != b["out"] else f"{b['out']} (kept)"
+            ins = f", in {b['in']}->{a['in']}" if "in" in b and b["in"] != a["in"] else ""
+            out[name] = f"{b['type']} out {outs}{ins}"
     return out

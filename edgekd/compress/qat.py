@@ -171,7 +171,7 @@ def clamped_float_model(qdq):
             ints = np.clip(np.round(consts[q.input[0]] / qs.reshape(shape)) + qz.reshape(shape), info.min, info.max)
             new_inits.append(numpy_helper.from_array(_dequantize(ints.astype(zp.dtype), scale, zp, axis),
                                                      n.output[0]))
-            drop.update({id(n)})
+            drop.add(id(n))
             continue
         if scale.size != 1:
             raise ValueError(f"per-channel activation quantization at {n.name!r} is not supported")

@@ -158,8 +158,9 @@ def compression(ctx: StageContext, evaluation: dict) -> dict:
         out["qat"] = {k: v for k, v in ctx.input_data("qat").items() if k not in ("history", "artifacts")}
         arts = evaluation.get("artifacts", {})
         out["int8_accuracy"] = {
-            "post_training": {n: arts[n]["accuracy"] for n in ("student_int8.onnx", "student_int8.tflite") if n in arts},
-            "qat": {n: arts[n]["accuracy"] for n in ("student_qat_int8.onnx", "student_qat_int8.tflite") if n in arts}}
+            kind: {n: arts[n]["accuracy"] for n in names if n in arts}
+            for kind, names in (("post_training", ("student_int8.onnx", "student_int8.tflite")),
+                                ("qat", ("student_qat_int8.onnx", "student_qat_int8.tflite")))}
     return out
 
 

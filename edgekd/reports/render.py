@@ -62,8 +62,8 @@ def _compression_lines(r: dict) -> list[str]:
     p = c.get("prune")
     if p:
         lines.append(f"- pruning ({p['ratio']:.0%} of the channels, classifier kept): params {p['params_before']:,} -> "
-                     f"{p['params_after']:,} ({p['params_ratio']:.0%}), MACs {p['macs_before']:,} -> {p['macs_after']:,} "
-                     f"({p['macs_ratio']:.0%}); test accuracy {_pct(p['test_accuracy_before'])} -> "
+                     f"{p['params_after']:,} ({p['params_ratio']:.0%}), MACs {p['macs_before']:,} -> "
+                     f"{p['macs_after']:,} ({p['macs_ratio']:.0%}); test accuracy {_pct(p['test_accuracy_before'])} -> "
                      f"{_pct(p['test_accuracy_after_pruning'])} pruned -> {_pct(p['test_accuracy_after_recovery'])} "
                      f"after {p['recovery']['epochs']} epochs of KD recovery (torch)")
     q = c.get("qat")

@@ -76,7 +76,8 @@ class QATStage(Stage):
                    "train_seconds": result.seconds, "pruned": ctx.has_input("prune"),
                    "test_accuracy_float": float_acc, "test_accuracy_torch_converted": torch_acc,
                    "test_accuracy_onnxruntime": ort_acc,
-                   "onnxruntime_vs_torch_top1_agreement": float((ort_logits.argmax(1) == torch_logits.argmax(1)).mean()),
+                   "onnxruntime_vs_torch_top1_agreement":
+                       float((ort_logits.argmax(1) == torch_logits.argmax(1)).mean()),
                    "onnx": {**info, "onnxruntime_optimized_op_types": ran_ops}}
         if cfg.tflite:
             summary["tflite"] = self._tflite(ctx, splits, onnx_path)

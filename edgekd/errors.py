@@ -1,6 +1,15 @@
 """User-facing errors. The CLI prints each as one line and exits 2 (never a traceback)."""
 
 
+def first_line(exc: BaseException, limit: int = 300, default: str | None = None) -> str:
+    """The first non-blank line of an exception's message (for one-line errors); `default` (else the
+    exception's type name) when the message is empty."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__ if default is None else default
+    return lines[0][:limit]
+
+
 class EdgekdError(Exception):
     """Base of every error that is the user's to fix: bad config, data, checkpoint, or a stage failure."""
 

@@ -37,11 +37,8 @@ def test_idx_reader_and_split(tmp_path):
     assert read_idx(folder / "train-labels-idx1-ubyte").shape == (120,)
 
 
-def test_real_fashion_mnist_when_installed():
-    import os
-
-    if not os.path.isdir("/usr/share/datasets/fashion-mnist"):
-        pytest.skip("dataset-fashion-mnist not installed")
+def test_real_fashion_mnist():
+    """The default pipeline's dataset; `make test` installs it (Makefile `dataset`), so it must be there."""
     s = load_splits(DataConfig(dataset="fashion-mnist", train_limit=1000), seed=0)
     assert s.x_test.shape == (10000, 1, 28, 28) and len(s.y_train) == 1000 and s.num_classes == 10
 

@@ -5,7 +5,6 @@ runtime environment from scratch (onnxruntime-qnn with the HTP simulator, from t
 digits pipeline for android-npu-qnn.
 """
 
-import json
 import os
 import stat
 import sys

@@ -13,7 +13,7 @@ import onnx
 import torch
 from torch import nn
 
-from edgekd.errors import StageError
+from edgekd.errors import StageError, first_line
 
 
 def export_onnx(model: nn.Module, example: np.ndarray, path: Path, opset: int = 18, stage: str = "export_onnx") -> dict:
@@ -31,12 +31,12 @@ def export_onnx(model: nn.Module, example: np.ndarray, path: Path, opset: int = 
                                         output_names=["logits"], dynamic_shapes=({0: batch},), optimize=True,
                                         verbose=False)
         except Exception as exc:  # noqa: BLE001 - the exporter raises many types; name the op it failed on
-            raise StageError(stage, f"torch.onnx.export failed: {_first_line(exc)}") from None
+            raise StageError(stage, f"torch.onnx.export failed: {first_line(exc)}") from None
     proto = program.model_proto
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:
-        raise StageError(stage, f"exported model fails onnx.checker: {_first_line(exc)}") from None
+        raise StageError(stage, f"exported model fails onnx.checker: {first_line(exc)}") from None
     simplified = False
     try:
         import onnxsim
@@ -46,7 +46,7 @@ def export_onnx(model: nn.Module, example: np.ndarray, path: Path, opset: int = 
         if ok:
             proto, simplified = simple, True
     except Exception as exc:  # noqa: BLE001 - onnxsim is an optimisation: keep the checked model if it fails
-        warnings.warn(f"onnxsim could not simplify {path.name}: {_first_line(exc)}")
+        warnings.warn(f"onnxsim could not simplify {path.name}: {first_line(exc)}")
     onnx.checker.check_model(proto, full_check=True)
     path.write_bytes(proto.SerializeToString())  # single file: the caller's out_dir is renamed into place atomically
     return {"opset": opset, "simplified": simplified, "nodes": len(proto.graph.node),
@@ -71,8 +71,3 @@ def _quiet():
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         yield
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
-    return (lines[0] if lines else type(exc).__name__)[:300]

@@ -39,7 +39,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from edgekd.errors import StageError
+from edgekd.errors import StageError, first_line
 
 STAGE = "export_tflite"
 MAX_CALIBRATION_SAMPLES = 1000  # representative_dataset size cap (evenly spaced subset beyond this)
@@ -65,8 +65,7 @@ def _one_line(exc: BaseException) -> str:
     m = re.search(r"'(tfl?\.\w+)' op ([^\n]*)", text)  # MLIR converter errors name the failing TF/TFLite op
     if m:
         return f"{type(exc).__name__}: op {m.group(1)} {m.group(2).strip()}"[:300]
-    first = text.splitlines()[0].strip() if text else ""
-    first = first[:300]
+    first = first_line(exc, default="")
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edgekd.errors import CheckpointError
+from edgekd.errors import CheckpointError, first_line
 
 
 def load_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -21,12 +21,12 @@ def load_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, t
         if not allow_pickle:
             raise CheckpointError(
                 f"{path}: refused: the file holds pickled Python objects beyond tensors, and loading it could run "
-                f"arbitrary code ({_first_line(exc)}); save a state dict instead, or set teacher.allow_pickle: true "
+                f"arbitrary code ({first_line(exc)}); save a state dict instead, or set teacher.allow_pickle: true "
                 f"only for a file you trust") from None
         obj = _load_pickle(path)
     except Exception as exc:  # noqa: BLE001 - zip, unpickler and storage errors all mean a damaged file
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
-                              f"{_first_line(exc)}") from None
+                              f"{first_line(exc)}") from None
     if isinstance(obj, nn.Module):
         obj = obj.state_dict()
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
@@ -40,7 +40,7 @@ def _load_pickle(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - any failure of an opted-in pickle is the file's fault
-        raise CheckpointError(f"{path}: could not load pickled checkpoint: {_first_line(exc)}") from None
+        raise CheckpointError(f"{path}: could not load pickled checkpoint: {first_line(exc)}") from None
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path, arch: str) -> None:
@@ -70,8 +70,3 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path
 
 def _few(items: list[str], n: int = 3) -> str:
     return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__

@@ -6,7 +6,6 @@ pixels scaled to [0, 1], exactly what the evaluation feeds.
 
 from __future__ import annotations
 
-from typing import Callable
 
 import torch
 from torch import nn

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from edgekd import __version__
-from edgekd.errors import EdgekdError, StageError
+from edgekd.errors import EdgekdError, StageError, first_line
 from edgekd.pipeline.store import atomic_write_json, read_json, sha256_file, sha256_json
 
 MANIFEST = "manifest.json"
@@ -234,7 +234,7 @@ class Engine:
             if self.debug:
                 raise
             where = traceback.extract_tb(exc.__traceback__)[-1]
-            raise StageError(stage.name, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            raise StageError(stage.name, f"{type(exc).__name__}: {first_line(exc, default='')}"
                              f" (at {Path(where.filename).name}:{where.lineno}; rerun with --debug for the traceback)"
                              ) from None
         files, digests = {}, {}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgekd.errors import StageError
+from edgekd.errors import StageError, first_line
 
 
 class _ArrayReader:
@@ -71,7 +71,7 @@ def quantize_qdq(fp32_path: Path, out_path: Path, calibration: np.ndarray, *, pe
                 )
         except Exception as exc:  # noqa: BLE001 - name the failure in one line
             raise StageError(stage, f"onnxruntime quantize_static failed on {fp32_path.name}: "
-                                    f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+                                    f"{first_line(exc)}"
                              ) from None
     model = onnx.load(str(out_path))
     ops = [n.op_type for n in model.graph.node]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgekd.errors import StageError
+from edgekd.errors import StageError, first_line
 
 
 class TFLiteRunner:
@@ -30,8 +30,7 @@ class TFLiteRunner:
             self._interp = Interpreter(model_path=str(self.path), num_threads=self.num_threads)
             self._interp.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise StageError("tflite_runtime", f"cannot load {self.path.name}: {first}") from None
+            raise StageError("tflite_runtime", f"cannot load {self.path.name}: {first_line(exc)}") from None
 
         inputs = self._interp.get_input_details()
         outputs = self._interp.get_output_details()

@@ -33,8 +33,16 @@ def _say(msg: str) -> None:
 def _fail(exc: BaseException, code: int = 2) -> None:
     if _DEBUG["on"]:
         raise exc
+    from edgekd.distributed import world
+
     text = " ".join(str(exc).split()) or type(exc).__name__
-    print(f"edgekd: error: {text}", file=sys.stderr, flush=True)
+    w = world()
+    # The other ranks of a distributed build raise rank 0's EdgekdError too (the engine hands it over): one line, not
+    # one per rank. Anything else is that rank's own failure and is said, with its rank.
+    if w.is_main:
+        print(f"edgekd: error: {text}", file=sys.stderr, flush=True)
+    elif not isinstance(exc, EdgekdError):
+        print(f"edgekd: error: [rank {w.rank}] {text}", file=sys.stderr, flush=True)
     raise typer.Exit(code)
 
 
@@ -83,47 +91,83 @@ def build(
     from_stage: Optional[str] = typer.Option(None, "--from", help="rerun this stage and everything after it"),
     only: Optional[str] = typer.Option(None, "--only", help="run only this stage (its inputs must exist)"),
     force: bool = typer.Option(False, "--force", help="ignore the cache, rebuild every stage"),
+    nproc: int = typer.Option(1, "--nproc", help="training processes on this machine: data-parallel (DDP) through "
+                                                 "torch's elastic launcher, gloo on CPU, NCCL on GPUs"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ):
     """Run the pipeline: data, teacher, distill, export, quantize, TFLite, evaluate, benchmark, gate, report."""
     _DEBUG["on"] = debug
 
     def body():
-        from edgekd.pipeline.engine import Engine
-        from edgekd.pipeline.store import RunLock
-        from edgekd.reports.render import write_reports
-        from edgekd.stages import all_stages
+        from edgekd import distributed
 
-        if from_stage and only:
-            raise EdgekdError("--from and --only cannot be combined")
-        cfg, profile = _load(pipeline, target)
-        rd = _run_dir(run_dir, cfg, profile)
-        _say(f"edgekd build: pipeline {cfg.name} ({cfg.source}) -> target {profile.name}; run dir {rd}")
-        t0 = time.perf_counter()
-        with RunLock(rd):
-            engine = Engine(all_stages(), cfg, profile, rd, log=_say, debug=debug)
-            result = engine.build(from_stage=from_stage, only=only, force=force)
-            report = None
-            if "report" in result.outputs and any(r.name == "report" for r in result.records):
-                report = dict(result.outputs["report"].data)
-                report["stages"] = [{"name": r.name, "status": r.status, "seconds": round(r.seconds, 3),
-                                     **({"message": r.message} if r.message else {})} for r in result.records]
-                report["build_seconds"] = round(time.perf_counter() - t0, 2)
-                paths = write_reports(report, rd)
-        _say("stages: " + ", ".join(f"{r.name}={r.status}" for r in result.records))
-        if report is not None:
-            _say("report: " + ", ".join(str(p) for p in paths.values()))
-        if result.error is not None:
-            raise result.error
-        if report is not None and not report["gate"]["passed"]:
-            failed = [c["name"] for c in report["gate"]["checks"] if not c["passed"]]
-            print(f"edgekd: gate failed: {', '.join(failed[:6])}" + (" ..." if len(failed) > 6 else ""),
-                  file=sys.stderr)
-            raise typer.Exit(1)
-        if report is not None:
-            _say(f"gate passed in {time.perf_counter() - t0:.1f} s")
+        if nproc < 1:
+            raise EdgekdError(f"--nproc {nproc}: must be at least 1")
+        if nproc > 1:
+            if distributed.launched_by_torchrun():
+                raise EdgekdError("--nproc starts its own processes; under torchrun give --nproc-per-node to "
+                                  "torchrun instead")
+            _load(pipeline, target)  # bad input fails here, once, before any process starts
+            argv = ["build", "--target", target]
+            for flag, value in (("--pipeline", pipeline), ("--run-dir", run_dir), ("--from", from_stage),
+                                ("--only", only)):
+                if value is not None:
+                    argv += [flag, str(value)]
+            argv += ["--force"] * force + ["--debug"] * debug
+            raise typer.Exit(distributed.launch_local(nproc, argv))
+        w = distributed.init_from_env()
+        try:
+            _build(w, target, pipeline, run_dir, from_stage, only, force, debug)
+        finally:
+            distributed.shutdown()
 
     _guard(body)
+
+
+def _build(w, target, pipeline, run_dir, from_stage, only, force, debug) -> None:
+    """One rank's build (the only one without torchrun). Rank 0 talks, locks the run dir, writes the reports and
+    decides the exit code; the other ranks follow the engine's decisions and take part in the training stages."""
+    import contextlib
+
+    from edgekd.distributed import check_shared_run_dir, leave_together
+    from edgekd.pipeline.engine import Engine
+    from edgekd.pipeline.store import RunLock
+    from edgekd.reports.render import write_reports
+    from edgekd.stages import all_stages
+
+    say = _say if w.is_main else (lambda msg: None)
+    if from_stage and only:
+        raise EdgekdError("--from and --only cannot be combined")
+    cfg, profile = _load(pipeline, target)
+    rd = _run_dir(run_dir, cfg, profile)
+    say(f"edgekd build: pipeline {cfg.name} ({cfg.source}) -> target {profile.name}; run dir {rd}"
+        + (f"; training on {w.describe()}" if w.is_distributed else ""))
+    t0 = time.perf_counter()
+    with contextlib.ExitStack() as held:
+        w.on_main(lambda: held.enter_context(RunLock(rd)) and None)
+        check_shared_run_dir(w, rd)
+        engine = Engine(all_stages(), cfg, profile, rd, log=say, debug=debug, world=w)
+        result = engine.build(from_stage=from_stage, only=only, force=force)
+        leave_together(w)  # the other ranks exit here
+        report = None
+        if "report" in result.outputs and any(r.name == "report" for r in result.records):
+            report = dict(result.outputs["report"].data)
+            report["stages"] = [{"name": r.name, "status": r.status, "seconds": round(r.seconds, 3),
+                                 **({"message": r.message} if r.message else {})} for r in result.records]
+            report["build_seconds"] = round(time.perf_counter() - t0, 2)
+            paths = write_reports(report, rd)
+    _say("stages: " + ", ".join(f"{r.name}={r.status}" for r in result.records))
+    if report is not None:
+        _say("report: " + ", ".join(str(p) for p in paths.values()))
+    if result.error is not None:
+        raise result.error
+    if report is not None and not report["gate"]["passed"]:
+        failed = [c["name"] for c in report["gate"]["checks"] if not c["passed"]]
+        print(f"edgekd: gate failed: {', '.join(failed[:6])}" + (" ..." if len(failed) > 6 else ""),
+              file=sys.stderr)
+        raise typer.Exit(1)
+    if report is not None:
+        _say(f"gate passed in {time.perf_counter() - t0:.1f} s")
 
 
 @app.command()

@@ -264,6 +264,8 @@ class PruneConfig:
     target_macs: Optional[int] = None  # instead of a ratio: prune until the student's MACs are at most this
     importance: Literal["l1", "l2"] = "l2"  # group magnitude norm that ranks channels
     global_pruning: bool = False  # rank channels across layers (uneven widths) instead of per layer
+    layer_ratios: dict[str, float] = field(default_factory=dict)  # per-layer ratio overrides {layer path: ratio}
+    round_to: Optional[int] = None  # each pruned layer keeps a multiple of this many channels (SIMD block)
     recovery: DistillConfig = field(default_factory=_recovery_defaults())  # KD fine-tuning after pruning
 
     def validate(self, where: str) -> None:
@@ -273,6 +275,9 @@ class PruneConfig:
                "give either ratio or target_macs (exactly one)")
         _check(self.ratio is None or 0.0 <= self.ratio < 1.0, where, "ratio", "must be in [0, 1)")
         _check(self.target_macs is None or self.target_macs > 0, where, "target_macs", "must be > 0")
+        for layer, r in self.layer_ratios.items():
+            _check(0.0 <= r < 1.0, where, f"layer_ratios.{layer}", "must be in [0, 1)")
+        _check(self.round_to is None or self.round_to >= 1, where, "round_to", "must be >= 1")
 
 
 @dataclass

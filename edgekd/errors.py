@@ -33,7 +33,10 @@ class StageError(EdgekdError):
 
     def __init__(self, stage: str, message: str):
         super().__init__(f"stage {stage}: {message}")
-        self.stage = stage
+        self.stage, self.message = stage, message
+
+    def __reduce__(self):  # picklable, so a distributed build can hand a stage's error from rank 0 to the others
+        return type(self), (self.stage, self.message)
 
 
 class LockedError(EdgekdError):

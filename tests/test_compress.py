@@ -154,6 +154,34 @@ def test_target_macs_prunes_to_the_budget(compress_run, tmp_path):
     assert data["test_accuracy_after_recovery"] > 0.85
 
 
+@pytest.mark.slow
+def test_layer_ratios_and_round_to_set_the_kept_channels(compress_run, tmp_path):
+    from edgekd.models.zoo import build_model, count_params
+
+    # digits student: conv 8 -> conv 16 -> dense 32. The first conv loses 75% (keeps int(8 * 0.25) = 2), the others
+    # 40%, rounded down to even counts: conv 16 keeps int(9.6) = 9 -> 8, dense 32 keeps int(19.2) = 19 -> 18.
+    pipeline = write_pipeline(tmp_path / "layers.yaml", base=COMPRESS, name="digits-compress", qat={"enabled": False},
+                              prune={"ratio": 0.4, "layer_ratios": {"features.0.0": 0.75}, "round_to": 2})
+    run_dir = tmp_path / "run"
+    shutil.copytree(compress_run, run_dir)
+    proc = run_cli("build", "--pipeline", pipeline, "--run-dir", run_dir, "--only", "prune")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
+    data = json.loads((run_dir / "stages/prune/manifest.json").read_text())["data"]
+    assert data["layers"]["1.features.0.0"] == "Conv2d out 8->2"
+    assert data["layers"]["1.features.2.0"] == "Conv2d out 16->8, in 8->2"
+    assert data["layers"]["1.hidden.0"].startswith("Linear out 32->18")
+    assert data["layer_ratios"] == {"features.0.0": 0.75} and data["round_to"] == 2
+    same = build_model("cnn", {"channels": (2, 8), "hidden": 18, "dropout": 0.0}, (1, 8, 8), 10)
+    assert data["params_after"] == count_params(same) < data["params_before"] * 0.3
+    assert data["test_accuracy_after_recovery"] > 0.85  # 2 first-layer filters still read digits after KD
+    # a layer that is not in the student: a one-line error naming the prunable ones, non-zero exit
+    bad = write_pipeline(tmp_path / "bad.yaml", base=COMPRESS, name="digits-compress", qat={"enabled": False},
+                         prune={"ratio": 0.5, "layer_ratios": {"features.9": 0.5}})
+    proc = run_cli("build", "--pipeline", bad, "--run-dir", run_dir, "--only", "prune")
+    assert proc.returncode != 0 and "'features.9' matches no prunable layer (prunable: 1.features.0.0, " \
+        "1.features.2.0, 1.hidden.0)" in proc.stdout + proc.stderr, proc.stdout[-2000:] + proc.stderr
+
+
 def test_compress_config_is_validated(tmp_path):
     from edgekd.config import load_pipeline
     from edgekd.errors import ConfigError
@@ -165,6 +193,9 @@ def test_compress_config_is_validated(tmp_path):
             ({"prune": {"enabled": True}}, "give either ratio or target_macs"),
             ({"prune": {"enabled": True, "ratio": 0.5, "target_macs": 1000}}, "give either ratio or target_macs"),
             ({"prune": {"enabled": True, "ratoi": 0.5}}, "did you mean 'ratio'"),
+            ({"prune": {"enabled": True, "ratio": 0.5, "layer_ratios": {"features.0.0": 1.0}}},
+             "prune.layer_ratios.features.0.0: must be in [0, 1)"),
+            ({"prune": {"enabled": True, "ratio": 0.5, "round_to": 0}}, "prune.round_to: must be >= 1"),
             ({"qat": {"enabled": True, "methods": {"feature": {"pairs": [["1.features", "1.features"]]}}}},
              "only logit KD"),
     ):

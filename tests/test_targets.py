@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import DIGITS, read_report, run_cli
+from conftest import DIGITS, REPO, read_report, run_cli
 from edgekd.config import BudgetConfig
 from edgekd.errors import ConfigError, EdgekdError
 from edgekd.targets.profiles import available_profiles, load_profile
@@ -129,6 +129,35 @@ def test_a_users_profile_file_works_like_a_shipped_one(tmp_path):
     assert run_cli("devices", "show", path).returncode == 0
     missing = run_cli("build", "--target", tmp_path / "nope.yaml", "--pipeline", DIGITS)
     assert missing.returncode == 2 and "target profile file not found" in missing.stderr
+
+
+# ---------------------------------------------------------------------------------------------- the target's graph
+
+def test_an_arm_profile_is_measured_on_the_graph_arm_onnxruntime_runs(digits_run, tmp_path):
+    """ARM profiles turn off ORT's x86-only NCHWc layout when measuring on this host; the benchmark stage records it,
+    and the graph ORT then runs really has no NCHWc nodes (on an x86 host with AVX2/AVX-512 the default one has)."""
+    import platform
+
+    from edgekd.runtimes.ort_runner import optimized_op_types
+
+    assert load_profile("android-arm64").host_disabled_optimizers == ["NchwcTransformer"]
+    assert load_profile("raspberry-pi-5").host_disabled_optimizers == ["NchwcTransformer"]
+    assert load_profile("x86-64").host_disabled_optimizers == []
+    own = tmp_path / "own.yaml"
+    own.write_text(yaml.safe_dump({**yaml.safe_load((REPO / "devices" / "android-arm64.yaml").read_text()),
+                                   "name": "own", "onnxruntime_disabled_optimizers": []}))
+    assert load_profile(str(own)).host_disabled_optimizers == []  # a profile may say its runtime has them all
+
+    bench = read_report(digits_run)["benchmark"]
+    assert bench["onnxruntime_disabled_optimizers"] == ["NchwcTransformer"]
+    assert "without NchwcTransformer" in bench["measured_on"]
+    model = digits_run / "stages" / "export_onnx" / "student_fp32.onnx"
+    arm_graph = optimized_op_types(model, tmp_path, disabled_optimizers=["NchwcTransformer"])
+    assert not [op for op in arm_graph if "Nchwc" in op or op.startswith("Reorder")], arm_graph
+    assert "FusedConv" in arm_graph or "Conv" in arm_graph
+    if platform.machine() in ("x86_64", "AMD64"):
+        native = optimized_op_types(model, tmp_path)
+        assert any(op.startswith("Reorder") for op in native), native  # what the ARM graph leaves out
 
 
 # ---------------------------------------------------------------------------------------------- static shapes

@@ -42,23 +42,53 @@ def count_macs_params(model: nn.Module, example: torch.Tensor) -> tuple[int, int
     return int(macs), int(params)
 
 
+def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Module path -> Conv2d / Linear layer whose output channels may be pruned (the classifier excluded)."""
+    keep = protected_layer(model)
+    return {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and m is not keep}
+
+
+def resolve_layer_ratios(model: nn.Module, layer_ratios: dict[str, float]) -> dict[nn.Module, float]:
+    """{layer path: ratio} -> {module: ratio}. A path may omit the model's leading wrapper indices ("features.0.0"
+    matches "1.features.0.0"); it must name exactly one prunable layer, else StageError listing them."""
+    layers = prunable_layers(model)
+    out: dict[nn.Module, float] = {}
+    for key, r in layer_ratios.items():
+        hits = [n for n in layers if n == key or n.endswith("." + key)]
+        if len(hits) != 1:
+            raise StageError("prune", f"layer_ratios: {key!r} {'matches no' if not hits else 'matches more than one'} "
+                                      f"prunable layer (prunable: {', '.join(layers)})")
+        out[layers[hits[0]]] = r
+    return out
+
+
 def prune_channels(model: nn.Module, example: torch.Tensor, ratio: float, importance: str = "l2",
-                   global_pruning: bool = False) -> nn.Module:
-    """Remove `ratio` of the channels of every prunable layer in place (classifier protected); returns `model`."""
+                   global_pruning: bool = False, layer_ratios: Optional[dict[str, float]] = None,
+                   round_to: Optional[int] = None) -> nn.Module:
+    """Remove `ratio` of the channels of every prunable layer in place (classifier protected); returns `model`.
+
+    `layer_ratios` ({layer path: ratio}) overrides the ratio for single layers (a layer keeps int(C * (1 - ratio))
+    of its C output channels; its BatchNorm and the next layer's inputs follow). `round_to` makes every pruned
+    layer keep a multiple of that many channels (torch-pruning rounds the kept count down, and leaves a layer whole
+    when rounding would empty it).
+    """
     import torch_pruning as tp
 
-    if ratio <= 0:
+    per_layer = resolve_layer_ratios(model, layer_ratios or {})
+    if ratio <= 0 and not any(r > 0 for r in per_layer.values()):
         return model
     model.eval()
     pruner = tp.pruner.MetaPruner(
         model, example[:1], importance=tp.importance.GroupMagnitudeImportance(p=1 if importance == "l1" else 2),
-        pruning_ratio=ratio, global_pruning=global_pruning, ignored_layers=[protected_layer(model)])
+        pruning_ratio=ratio, pruning_ratio_dict=per_layer or None, global_pruning=global_pruning,
+        round_to=round_to, ignored_layers=[protected_layer(model)])
     pruner.step()
     return model
 
 
 def ratio_for_macs(model: nn.Module, example: torch.Tensor, target_macs: int, importance: str = "l2",
-                   global_pruning: bool = False, steps: int = 8) -> float:
+                   global_pruning: bool = False, steps: int = 8, layer_ratios: Optional[dict[str, float]] = None,
+                   round_to: Optional[int] = None) -> float:
     """The smallest pruning ratio whose pruned copy of `model` has at most `target_macs` MACs.
 
     A coarse scan (ratio 0.05, 0.10, ... 0.95) finds the first ratio that fits, then bisection refines it. No plain
@@ -66,8 +96,9 @@ def ratio_for_macs(model: nn.Module, example: torch.Tensor, target_macs: int, im
     so MACs are not monotonic in the ratio there.
     """
     def macs_at(ratio: float) -> int:
-        return count_macs_params(prune_channels(copy.deepcopy(model), example, ratio, importance, global_pruning),
-                                 example)[0]
+        pruned = prune_channels(copy.deepcopy(model), example, ratio, importance, global_pruning, layer_ratios,
+                                round_to)
+        return count_macs_params(pruned, example)[0]
 
     macs0, _ = count_macs_params(model, example)
     if macs0 <= target_macs:

@@ -27,12 +27,12 @@ class DistillRun:
 
 def distill_model(student: nn.Module, cfg: DistillConfig, splits: Splits, teacher: BatchTeacher,
                   cache_file: Optional[Path], teacher_weights: list[float], *, seed: int, work_dir: Path,
-                  log: Callable[[str], None], stage: str) -> DistillRun:
+                  log: Callable[[str], None], stage: str, amp: bool = True) -> DistillRun:
     """Train `student` in place from `teacher` (and, when usable, its cached training-set logits).
 
     cache_file: the teacher's logits on the training split, (N, K) for one teacher or (N, M, K) for M teachers,
     as an upstream stage stored them. It is used when `cache_teacher_outputs` is on and no method needs the
-    teacher's intermediate features; otherwise the teacher runs on every batch.
+    teacher's intermediate features; otherwise the teacher runs on every batch. `amp`: see `train`.
     """
     methods = cfg.methods.chosen()
     why_forward = needs_teacher_features(cfg.methods)
@@ -55,7 +55,7 @@ def distill_model(student: nn.Module, cfg: DistillConfig, splits: Splits, teache
         + f"; label CE weight {1 - cfg.alpha:g}, teacher terms x alpha={cfg.alpha:g}; teacher output cache: {note}")
     try:
         result = train(student, cfg, splits.x_train, splits.y_train, splits.x_val, splits.y_val, seed=seed,
-                       work_dir=work_dir, log=log, stage=stage, kd=settings,
+                       work_dir=work_dir, log=log, stage=stage, kd=settings, amp=amp,
                        teacher_logits=np.load(cache_file) if use_cache else None, teacher=teacher,
                        extra_loss=extra, extra_params=list(extra.parameters()) if extra is not None else None)
     finally:

@@ -2,6 +2,12 @@
 
 Checkpoints every epoch into `work_dir` (model, optimizer, schedule, history, RNG), so a killed run resumes from
 the last finished epoch. A NaN or infinite loss stops training with a clear error; the last good checkpoint stays.
+
+Data-parallel when the process is one rank of a torchrun group (edgekd.distributed): the model is wrapped in
+DistributedDataParallel and every global batch of `batch_size` (the same permutation on every rank) is split among
+the ranks, each rank's loss weighted by its share, so the averaged gradient is the single-process batch's gradient
+and the schedule (steps, learning rate) is the single-process one. Only rank 0 writes checkpoints; epoch metrics are
+summed over ranks. On a GPU the forward passes run under bfloat16 autocast when `amp` allows it (losses in float32).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgekd.config import TrainConfig
+from edgekd.distributed import World, world as current_world
 from edgekd.distill.losses import kd_objective, temperature_at
 from edgekd.errors import StageError
 from edgekd.pipeline.store import atomic_write_bytes
@@ -42,6 +49,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     resumed_from_epoch: int = 0
     seconds: float = 0.0
+    processes: int = 1  # ranks that trained it (data-parallel)
 
     @property
     def val_accuracy(self) -> float:
@@ -57,12 +65,33 @@ def _optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
-    """Eval-mode logits. x: (N, C, H, W) float32 -> (N, K) float32."""
+    """Eval-mode logits. x: (N, C, H, W) float32 -> (N, K) float32 (on the model's device, returned on the CPU)."""
     was_training = model.training
     model.eval()
-    out = [model(torch.from_numpy(x[i:i + batch_size])).numpy() for i in range(0, len(x), batch_size)]
+    device = _device_of(model)
+    out = [model(torch.from_numpy(x[i:i + batch_size]).to(device)).float().cpu().numpy()
+           for i in range(0, len(x), batch_size)]
     model.train(was_training)
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def predict_logits_shared(model: nn.Module, x: np.ndarray, w: Optional[World] = None) -> np.ndarray:
+    """predict_logits over all of x, the work split among the ranks (rank r takes rows r, r + W, ...) and the result
+    gathered on every rank: the same (N, K) array a single process computes, computed once."""
+    w = w or current_world()
+    if not w.is_distributed:
+        return predict_logits(model, x)
+    parts = w.all_gather(predict_logits(model, np.ascontiguousarray(x[w.rank::w.world_size])))
+    k = next(p.shape[1] for p in parts if p.size)
+    out = np.zeros((len(x), k), np.float32)
+    for r, part in enumerate(parts):
+        out[r::w.world_size] = part
+    return out
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -73,7 +102,8 @@ def train(model: nn.Module, cfg: TrainConfig, x_train: np.ndarray, y_train: np.n
           x_val: np.ndarray, y_val: np.ndarray, *, seed: int, work_dir: Path,
           kd: Optional[KDSettings] = None, teacher_logits: Optional[np.ndarray] = None,
           teacher: Optional[nn.Module] = None, extra_loss: Optional[Callable] = None,
-          extra_params: Optional[list] = None, log: Callable[[str], None] = print, stage: str = "train") -> TrainResult:
+          extra_params: Optional[list] = None, log: Callable[[str], None] = print, stage: str = "train",
+          amp: bool = True, world: Optional[World] = None) -> TrainResult:
     """Train `model` in place.
 
     x_train: (N, C, H, W) float32, y_train: (N,) int64. With `kd`, the soft targets come from `teacher_logits`
@@ -82,13 +112,24 @@ def train(model: nn.Module, cfg: TrainConfig, x_train: np.ndarray, y_train: np.n
     `extra_loss(student_logits, batch_x, teacher_logits) -> dict of named terms` adds feature-level losses (its
     "loss" is added to the total; `teacher_logits` is the batch's teacher output as the KD term used it, None
     without `kd`); `extra_params` (e.g. its adapters) are optimized and checkpointed with the model.
+    `amp`: bfloat16 autocast of the forward passes on a GPU (off for QAT: fake quantization wants float32).
+    The model (and teacher, and extra params) train on the world's device and are back on the CPU on return.
     """
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    w = world or current_world()
+    is_main = w.is_main
+    log = log if is_main else (lambda msg: None)
+    # Ranks on one machine share its cores.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, w.local_world_size)))
+    device = torch.device(w.device)
+    model.to(device)
     if teacher is not None:
         teacher.eval()
+        teacher.to(device)
         for p in teacher.parameters():
             p.requires_grad_(False)
     extra_params = list(extra_params or [])
+    for p in extra_params:
+        p.data = p.data.to(device)
     params = list(model.parameters()) + extra_params
     optimizer = _optimizer(cfg, params)
     steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
@@ -100,8 +141,8 @@ def train(model: nn.Module, cfg: TrainConfig, x_train: np.ndarray, y_train: np.n
     result = TrainResult()
     start_epoch = 0
     ckpt_path = work_dir / "checkpoint.pt"
-    if ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    if ckpt_path.is_file():  # every rank reads rank 0's checkpoint (the run dir is shared)
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         with torch.no_grad():
             for p, saved in zip(extra_params, state.get("extra_params", [])):
@@ -113,30 +154,47 @@ def train(model: nn.Module, cfg: TrainConfig, x_train: np.ndarray, y_train: np.n
         result.resumed_from_epoch = start_epoch
         log(f"resuming from the checkpoint after epoch {start_epoch}/{cfg.epochs}")
 
+    # DDP syncs the parameters from rank 0 when it wraps the model; adapters (extra params) are outside the module,
+    # so they are broadcast here and their gradients averaged by hand below.
+    net = model
+    if w.is_distributed:
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        for p in extra_params:
+            dist.broadcast(p.data, src=0)
+
     x_t, y_t = torch.from_numpy(x_train), torch.from_numpy(y_train)
     t_logits = torch.from_numpy(teacher_logits) if teacher_logits is not None else None
     t0 = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
+        # The same permutation on every rank: global batch b is order[b*B:(b+1)*B]; rank r takes rows r, r+W, ...
         order = torch.from_numpy(np.random.default_rng(seed * 1000 + epoch).permutation(len(x_train)))
-        torch.manual_seed(seed * 1000 + epoch)
+        torch.manual_seed(seed * 1000 + epoch + 7919 * w.rank)  # dropout masks differ per rank
         sums: dict[str, float] = {}
         n_seen = 0
         temperature = None
-        bar = _progress(steps_per_epoch, f"{stage} epoch {epoch + 1}/{cfg.epochs}")
+        bar = _progress(steps_per_epoch, f"{stage} epoch {epoch + 1}/{cfg.epochs}") if is_main else _no_bar
         for step in range(steps_per_epoch):
-            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            xb, yb = x_t[idx], y_t[idx]
-            logits = model(xb)
-            tb = None
+            batch = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            if len(batch) < w.world_size:  # a last batch too small to give every rank a row (only when W > 1)
+                continue
+            idx = batch[w.rank::w.world_size]
+            share = w.world_size * len(idx) / len(batch)  # DDP averages over ranks; this makes it the batch mean
+            xb, yb = x_t[idx].to(device, non_blocking=True), y_t[idx].to(device, non_blocking=True)
+            with _autocast(device, amp):
+                logits = net(xb)
+                tb = None
+                if kd is not None and t_logits is None:
+                    with torch.no_grad():
+                        tb = teacher(xb)
+            logits = logits.float()
             if kd is not None:
                 progress = (epoch * steps_per_epoch + step) / max(1, total_steps - 1)
                 temperature = temperature_at(progress, kd.temperature, kd.temperature_end, kd.schedule)
-                if t_logits is not None:
-                    tb = t_logits[idx]
-                else:
-                    with torch.no_grad():
-                        tb = teacher(xb)
+                tb = (t_logits[idx].to(device) if t_logits is not None else tb).float()
                 if kd.targets is not None:
                     tb = kd.targets(tb, temperature)
                 terms = kd_objective(logits, tb, yb, kd.alpha, temperature, kd.weight)
@@ -148,29 +206,81 @@ def train(model: nn.Module, cfg: TrainConfig, x_train: np.ndarray, y_train: np.n
                 terms["loss"] = terms["loss"] + extra.pop("loss")
                 terms.update({k: v.detach() for k, v in extra.items()})
             loss = terms["loss"]
-            if not torch.isfinite(loss):
-                raise StageError(stage, f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
-                                        f"lower the learning rate ({cfg.lr}); the last good checkpoint "
-                                        f"(epoch {epoch}) is kept in {work_dir}")
+            # Decided together: one rank stopping alone would leave the others waiting in backward's all-reduce.
+            finite = float(torch.isfinite(loss))
+            if w.is_distributed:
+                finite = w.sum([finite])[0] / w.world_size
+            if finite < 1:
+                value = loss.item() if not torch.isfinite(loss) else "non-finite on another rank"
+                raise StageError(stage, f"loss became {value} at epoch {epoch + 1}, step {step + 1}"
+                                        f"; lower the learning rate ({cfg.lr}); "
+                                        f"the last good checkpoint (epoch {epoch}) is kept in {work_dir}")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * share).backward()
+            if w.is_distributed and extra_params:
+                _average_gradients(extra_params, w.world_size)
             optimizer.step()
             scheduler.step()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(idx)
             n_seen += len(idx)
             bar(step + 1, {k: v / n_seen for k, v in sums.items()})
-        val_acc = accuracy(predict_logits(model, x_val), y_val)
-        row = {"epoch": epoch + 1, **{k: v / n_seen for k, v in sums.items()}, "val_accuracy": val_acc,
+        if w.is_distributed:  # epoch means over all ranks' rows: what one process would have logged
+            names = sorted(sums)
+            totals = w.sum([sums[k] for k in names] + [float(n_seen)])
+            sums, n_seen = dict(zip(names, totals[:-1])), int(totals[-1])
+        val_acc = _val_accuracy(model, x_val, y_val, w)
+        row = {"epoch": epoch + 1, **{k: v / max(1, n_seen) for k, v in sums.items()}, "val_accuracy": val_acc,
                "lr": scheduler.get_last_lr()[0]}
         if temperature is not None:
             row["temperature"] = temperature
         result.history.append(row)
         log(f"epoch {epoch + 1}/{cfg.epochs}  " + "  ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "epoch"))
-        _save_checkpoint(ckpt_path, model, optimizer, scheduler, epoch + 1, result.history, extra_params)
+        if is_main:
+            _save_checkpoint(ckpt_path, model, optimizer, scheduler, epoch + 1, result.history, extra_params)
     result.seconds = time.perf_counter() - t0
-    model.eval()
+    result.processes = w.world_size
+    model.eval()  # (an exported QAT model's eval() returns None: no chaining)
+    model.to("cpu")
+    if teacher is not None:
+        teacher.to("cpu")
+    for p in extra_params:
+        p.data = p.data.to("cpu")
     return result
+
+
+def _val_accuracy(model: nn.Module, x_val: np.ndarray, y_val: np.ndarray, w: World) -> float:
+    """Validation accuracy; with several ranks each scores rows r, r+W, ... and the counts are summed."""
+    if not w.is_distributed:
+        return accuracy(predict_logits(model, x_val), y_val)
+    rows = slice(w.rank, None, w.world_size)
+    logits = predict_logits(model, np.ascontiguousarray(x_val[rows]))
+    correct = float((logits.argmax(1) == y_val[rows]).sum()) if len(logits) else 0.0
+    correct, total = w.sum([correct, float(len(y_val[rows]))])
+    return correct / total if total else float("nan")
+
+
+def _average_gradients(params: list, world_size: int) -> None:
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= world_size
+
+
+def _autocast(device: torch.device, amp: bool):
+    """bfloat16 autocast on a GPU that supports it (no loss scaling needed); nothing on the CPU."""
+    import contextlib
+
+    if amp and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _no_bar(step: int, terms: dict) -> None:
+    return None
 
 
 def _save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, history: list[dict],

@@ -81,6 +81,7 @@ class Stage:
     deps: tuple[str, ...] = ()  # required upstream stages
     optional_deps: tuple[str, ...] = ()  # used when present (a failed or disabled one is simply absent)
     uses_target: bool = False
+    distributed: bool = False  # a training stage: runs on every rank of a distributed build (else on rank 0 only)
     description: str = ""
 
     def config(self, cfg: Any) -> Optional[dict]:
@@ -112,12 +113,14 @@ class BuildResult:
 
 class Engine:
     def __init__(self, stages: Sequence[Stage], cfg: Any, target: Any, run_dir: Path,
-                 log: Callable[[str], None] = print, debug: bool = False, options: dict | None = None):
+                 log: Callable[[str], None] = print, debug: bool = False, options: dict | None = None,
+                 world: Any = None):
         self.stages = list(stages)
         self.by_name = {s.name: s for s in self.stages}
         self.cfg, self.target, self.run_dir = cfg, target, Path(run_dir)
         self.log, self.debug = log, debug
         self.options = options or {}
+        self.world = world if world is not None else SingleProcess()
 
     # ------------------------------------------------------------------------------------------ keys
 
@@ -164,65 +167,125 @@ class Engine:
             forced = set(order[order.index(from_stage):])
         records: list[StageRecord] = []
         outputs: dict[str, StageOutput] = {}
-        failed: set[str] = set()
         error: Optional[EdgekdError] = None
         for stage in self.stages:
-            if only and stage.name != only:
-                out, _ = self.load_output(stage.name, verify=False)
-                if out is not None:
-                    outputs[stage.name] = out
+            # Rank 0 decides (it alone reads the cache), every rank of a distributed build follows.
+            action, payload = self.world.on_main(lambda: self._decide(stage, outputs, only, forced))
+            if action == "use":
+                if payload is not None:
+                    outputs[stage.name] = payload
                 continue
-            if stage.config(self.cfg) is None:
-                records.append(StageRecord(stage.name, "skipped", message="disabled in the pipeline"))
+            if action in ("skipped", "not-run"):
+                records.append(StageRecord(stage.name, action, message=payload))
                 continue
-            missing = [d for d in stage.deps if d not in outputs]
-            if missing:
-                if only:
-                    raise EdgekdError(f"--only {only}: its input {missing[0]} has not been built in {self.run_dir}; "
-                                      f"run `edgekd build` (or --only {missing[0]}) first")
-                records.append(StageRecord(stage.name, "not-run", message=f"needs {', '.join(missing)}"))
+            if action == "cached":
+                outputs[stage.name] = payload
+                records.append(StageRecord(stage.name, "cached"))
                 continue
+            key, parts = payload
             inputs = {d: outputs[d] for d in (*stage.deps, *stage.optional_deps) if d in outputs}
-            parts = self.key_parts(stage, inputs)
-            key = sha256_json(parts)
-            if not (only or stage.name in forced):
-                cached, why = self.load_output(stage.name)
-                if cached is not None and cached.key == key:
-                    outputs[stage.name] = cached
-                    records.append(StageRecord(stage.name, "cached"))
-                    continue
-                if cached is None and why not in ("missing",):
-                    self.log(f"warning: {stage.name}: stored output rejected: {why}; rebuilding")
             t0 = time.perf_counter()
-            try:
-                out = self._run_stage(stage, inputs, key, parts)
-            except EdgekdError as exc:
-                seconds = time.perf_counter() - t0
-                self._mark_failed(stage.name, str(exc))
-                records.append(StageRecord(stage.name, "failed", seconds, str(exc)))
-                failed.add(stage.name)
-                error = error or exc
+            status, result = self._run_on_ranks(stage, inputs, key, parts)
+            seconds = time.perf_counter() - t0
+            if status == "failed":
+                records.append(StageRecord(stage.name, "failed", seconds, str(result)))
+                error = error or result
                 continue
-            outputs[stage.name] = out
-            records.append(StageRecord(stage.name, "ran", time.perf_counter() - t0))
+            outputs[stage.name] = result
+            records.append(StageRecord(stage.name, "ran", seconds))
         return BuildResult(records, outputs, error)
 
-    def _run_stage(self, stage: Stage, inputs: dict[str, StageOutput], key: str, parts: dict) -> StageOutput:
-        final = self.stage_dir(stage.name)
-        tmp = final.parent / f".{stage.name}.tmp-{os.getpid()}"
-        work = final.parent / f"{stage.name}.work"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        # The work folder (checkpoints) survives a killed run, but only for the same key.
+    def _decide(self, stage: Stage, outputs: dict[str, StageOutput], only: str | None,
+                forced: set[str]) -> tuple[str, Any]:
+        """What to do with `stage`: ("use", stored output or None) for the stages --only leaves alone, ("skipped" |
+        "not-run", why), ("cached", output) or ("run", (key, key parts)); the work folder is ready for a run."""
+        if only and stage.name != only:
+            return "use", self.load_output(stage.name, verify=False)[0]
+        if stage.config(self.cfg) is None:
+            return "skipped", "disabled in the pipeline"
+        missing = [d for d in stage.deps if d not in outputs]
+        if missing:
+            if only:
+                raise EdgekdError(f"--only {only}: its input {missing[0]} has not been built in {self.run_dir}; "
+                                  f"run `edgekd build` (or --only {missing[0]}) first")
+            return "not-run", f"needs {', '.join(missing)}"
+        inputs = {d: outputs[d] for d in (*stage.deps, *stage.optional_deps) if d in outputs}
+        parts = self.key_parts(stage, inputs)
+        key = sha256_json(parts)
+        if not (only or stage.name in forced):
+            cached, why = self.load_output(stage.name)
+            if cached is not None and cached.key == key:
+                return "cached", cached
+            if cached is None and why not in ("missing",):
+                self.log(f"warning: {stage.name}: stored output rejected: {why}; rebuilding")
+        self._prepare_work(stage.name, key)
+        return "run", (key, parts)
+
+    def _prepare_work(self, name: str, key: str) -> None:
+        """The work folder (checkpoints) survives a killed run, but only for the same key."""
+        work = self.stage_dir(name).parent / f"{name}.work"
         if read_json(work / "key.json") != {"key": key}:
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
             atomic_write_json(work / "key.json", {"key": key})
-        ctx = StageContext(self.cfg, self.target, self.run_dir, tmp, work, inputs,
-                           lambda msg: self.log(f"[{stage.name}] {msg}"), {**self.options, "stage": stage.name})
-        self.log(f"==> {stage.name}")
+
+    def _run_on_ranks(self, stage: Stage, inputs: dict[str, StageOutput], key: str,
+                      parts: dict) -> tuple[str, Any]:
+        """("ran", output) or ("failed", error), the same on every rank.
+
+        A single process, or a stage that is not `distributed`: rank 0 runs it and tells the others the outcome.
+        A distributed stage (training) runs on every rank; rank 0's output is the stage's. Its failure ends the
+        build (exit 2, one line, the failure marked by rank 0) instead of going on with independent stages: the
+        other ranks may be waiting in a collective of the training loop, and torchrun stops them all when one rank
+        exits with an error. Finished stages and the stage's checkpoints are kept.
+        """
+        def attempt() -> tuple[str, Any]:
+            try:
+                return "ran", self._run_stage(stage, inputs, key, parts)
+            except EdgekdError as exc:
+                self._mark_failed(stage.name, str(exc))
+                return "failed", exc
+
+        if not (self.world.is_distributed and getattr(stage, "distributed", False)):
+            return self.world.broadcast(attempt() if self.world.is_main else None)
+        if self.world.is_main:
+            status, result = attempt()
+            if status == "failed":
+                print(f"edgekd: error: {' '.join(str(result).split())}", file=sys.stderr, flush=True)
+                os._exit(result.exit_code)
+        else:
+            self._follow_stage(stage, inputs)
+            result = None
+        return "ran", self.world.broadcast(result)
+
+    def _follow_stage(self, stage: Stage, inputs: dict[str, StageOutput]) -> None:
+        """A distributed stage on a rank other than 0: the same run (it takes part in every collective), reading the
+        run dir, writing only into a private scratch folder that is thrown away.
+
+        When it fails, rank 0 almost always fails the same way (same code, same data, the NaN check is collective)
+        and says so; this rank waits a moment for torchrun to stop it after rank 0 exits, so the user reads one
+        line, not one per rank. A failure of its own is said after that moment, with its rank.
+        """
+        import tempfile
+
         try:
-            data = stage.run(ctx) or {}
+            with tempfile.TemporaryDirectory(prefix=f"edgekd-rank{self.world.rank}-{stage.name}-") as scratch:
+                ctx = StageContext(self.cfg, self.target, self.run_dir, Path(scratch),
+                                   self.stage_dir(stage.name).parent / f"{stage.name}.work", inputs,
+                                   lambda msg: None, {**self.options, "stage": stage.name})
+                stage.run(ctx)
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            if self.debug:
+                raise
+            time.sleep(10)
+            what = str(exc) if isinstance(exc, EdgekdError) else f"stage {stage.name}: {type(exc).__name__}: " \
+                                                                 f"{first_line(exc, default='')}"
+            print(f"edgekd: error: [rank {self.world.rank}] {' '.join(what.split())}", file=sys.stderr, flush=True)
+            os._exit(2)
+
+    def _call_run(self, stage: Stage, ctx: StageContext, tmp: Path) -> dict:
+        try:
+            return stage.run(ctx) or {}
         except EdgekdError:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -237,6 +300,17 @@ class Engine:
             raise StageError(stage.name, f"{type(exc).__name__}: {first_line(exc, default='')}"
                              f" (at {Path(where.filename).name}:{where.lineno}; rerun with --debug for the traceback)"
                              ) from None
+
+    def _run_stage(self, stage: Stage, inputs: dict[str, StageOutput], key: str, parts: dict) -> StageOutput:
+        final = self.stage_dir(stage.name)
+        tmp = final.parent / f".{stage.name}.tmp-{os.getpid()}"
+        work = final.parent / f"{stage.name}.work"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        ctx = StageContext(self.cfg, self.target, self.run_dir, tmp, work, inputs,
+                           lambda msg: self.log(f"[{stage.name}] {msg}"), {**self.options, "stage": stage.name})
+        self.log(f"==> {stage.name}")
+        data = self._call_run(stage, ctx, tmp)
         files, digests = {}, {}
         for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
             rel_in_stage = path.relative_to(tmp).as_posix()
@@ -294,6 +368,18 @@ class Engine:
             fresh[stage.name] = state == "up-to-date"
             rows.append({"stage": stage.name, "state": state, "why": reason})
         return rows
+
+
+class SingleProcess:
+    """The world of a build that is not distributed (edgekd.distributed.World has the same methods)."""
+
+    rank, world_size, is_main, is_distributed = 0, 1, True, False
+
+    def broadcast(self, obj: Any) -> Any:
+        return obj
+
+    def on_main(self, fn: Callable[[], Any]) -> Any:
+        return fn()
 
 
 def _why_changed(old: dict, new: dict) -> str:

@@ -97,7 +97,8 @@ def build_report(ctx: StageContext) -> dict:
                                 "temperature_schedule": cfg.distill.temperature_schedule,
                                 "teacher_output_cache": distill.get("teacher_output_cache"),
                                 "teacher_output_cache_note": distill.get("teacher_output_cache_note"),
-                                "methods": distill.get("methods"), "distilled_from": distill.get("distilled_from")}},
+                                "methods": distill.get("methods"), "distilled_from": distill.get("distilled_from"),
+                                "train_processes": distill.get("train_processes", 1)}},
         **({"compression": compression(ctx, evaluation)} if ctx.has_input("prune") or ctx.has_input("qat") else {}),
         "artifacts": artifacts,
         "missing_artifacts": missing,
@@ -106,6 +107,7 @@ def build_report(ctx: StageContext) -> dict:
         "benchmark": {"measured_on": bench.get("measured_on"), "threads": bench.get("threads"),
                       "batch_size": bench.get("batch_size"), "host_cpu": bench.get("host_cpu"),
                       "host_arch": bench.get("host_arch"),
+                      "onnxruntime_disabled_optimizers": bench.get("onnxruntime_disabled_optimizers", []),
                       "note": "host-measured latency under the target profile's settings; not a device measurement"},
         # the target's execution provider (placement, accuracy through it, EPContext) and the adb device runner
         "accelerator": {k: v for k, v in (bench.get("accelerator") or {}).items() if k != "artifacts"} or None,

@@ -52,7 +52,9 @@ def _distillation_lines(r: dict) -> list[str]:
     if d.get("methods"):
         methods = ", ".join(f"{name} ×{m.get('weight', 1):g}" for name, m in d["methods"].items())
         lines.append(f"- distillation: {methods} (alpha {d.get('alpha')}, T {d.get('temperature')}); teacher output "
-                     f"cache {'on' if d.get('teacher_output_cache') else 'off'}")
+                     f"cache {'on' if d.get('teacher_output_cache') else 'off'}"
+                     + (f"; trained data-parallel on {d['train_processes']} processes"
+                        if (d.get("train_processes") or 1) > 1 else ""))
     return [""] + lines if lines else []
 
 

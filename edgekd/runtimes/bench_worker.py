@@ -3,7 +3,8 @@
 Run as `python -m edgekd.runtimes.bench_worker SPEC_JSON`. Only the runtime under test is imported (no torch,
 no TensorFlow), so the peak RSS is that of a process serving this model with this runtime.
 
-SPEC: {"path", "runtime": "onnxruntime"|"tflite", "threads", "warmup", "runs", "input_npy"}
+SPEC: {"path", "runtime": "onnxruntime"|"tflite", "threads", "warmup", "runs", "input_npy"}, optional
+"disabled_optimizers" (onnxruntime graph optimizers the target's runtime lacks)
 Result: load_ms, first_ms, latency_ms {p50, p90, p99, mean, std, min}, latency_distribution_ms {percentiles, values}
 (the sorted samples' quantiles, compact enough for report.json and a distribution plot), runs, runtime_version,
 rss_before_load_bytes, peak_rss_bytes.
@@ -129,7 +130,7 @@ def measure(spec: dict) -> dict:
     if spec["runtime"] == "onnxruntime":
         from edgekd.runtimes.ort_runner import OrtRunner
 
-        runner = OrtRunner(spec["path"], threads=spec["threads"])
+        runner = OrtRunner(spec["path"], threads=spec["threads"], disabled_optimizers=spec.get("disabled_optimizers"))
     elif spec["runtime"] == "tflite":
         from edgekd.runtimes.tflite_runner import TFLiteRunner
 

@@ -60,9 +60,12 @@ class BenchmarkStage(Stage):
         cfg, target = ctx.cfg.benchmark, ctx.target
         threads = min(target.threads, os.cpu_count() or 1)
         splits = load_splits(ctx)
+        disabled = target.host_disabled_optimizers
         measured_on = target.host_measured_label + (f"; {threads} threads" +
                                                     (f" (profile asks {target.threads})" if threads < target.threads
-                                                     else ""))
+                                                     else "")
+                                                    + (f"; onnxruntime without {', '.join(disabled)} (absent on "
+                                                       f"{target.cpu_arch})" if disabled else ""))
         jobs = [(a.name, a.path, a.runtime, a.rel_path) for a in collect(ctx) if a.runtime in target.runtimes]
         if cfg.include_teacher:
             jobs.append(("teacher_fp32.onnx", ctx.input_path("export_onnx", "teacher_fp32.onnx"), "onnxruntime",
@@ -73,7 +76,8 @@ class BenchmarkStage(Stage):
             np.save(inputs, splits.x_test[:cfg.batch_size])
             for name, path, runtime, rel in jobs:
                 spec = {"path": str(path), "runtime": runtime, "threads": threads, "warmup": cfg.warmup,
-                        "runs": cfg.runs, "input_npy": str(inputs)}
+                        "runs": cfg.runs, "input_npy": str(inputs),
+                        "disabled_optimizers": disabled if runtime == "onnxruntime" else []}
                 r = run_worker(spec)
                 r.update({"runtime": runtime, "size_bytes": path.stat().st_size, "measured_on": measured_on,
                           "threads": threads})
@@ -84,6 +88,7 @@ class BenchmarkStage(Stage):
         skipped = [a.name for a in collect(ctx) if a.runtime not in target.runtimes]
         summary = {"measured_on": measured_on, "host_cpu": cpu_model(), "host_arch": platform.machine(),
                    "threads": threads, "batch_size": cfg.batch_size, "results": results,
+                   "onnxruntime_disabled_optimizers": disabled,
                    "not_measured": {n: f"runtime not used by target {target.name}" for n in skipped}}
         summary.update(self.accelerator_and_device(ctx, splits, threads))
         return summary

@@ -6,6 +6,7 @@ import torch
 from edgekd.distill.run import distill_model
 from edgekd.distill.teachers import BatchTeacher
 from edgekd.distill.trainer import accuracy, predict_logits
+from edgekd.distributed import world
 from edgekd.errors import StageError
 from edgekd.models.zoo import count_params, model_from_config
 from edgekd.pipeline.engine import Stage, StageContext
@@ -14,6 +15,7 @@ from edgekd.stages.common import batch_teacher, load_splits, save_state_dict
 
 class DistillStage(Stage):
     name = "distill"
+    distributed = True  # trains: every rank of a distributed build takes part
     deps = ("data", "teacher")
     optional_deps = ("assistant",)
     description = "distil the student from the teacher"
@@ -24,6 +26,7 @@ class DistillStage(Stage):
     def run(self, ctx: StageContext) -> dict:
         cfg = ctx.cfg.distill
         splits = load_splits(ctx)
+        torch.manual_seed(ctx.cfg.seed)  # the pipeline's seed fixes the student's initial weights: reproducible builds
         student = model_from_config(ctx.cfg.student, splits.input_shape, splits.num_classes)
         if ctx.cfg.assistant is not None:
             teacher, weights = _assistant(ctx, splits), [1.0]
@@ -38,12 +41,15 @@ class DistillStage(Stage):
                    else ""))
         run = distill_model(student, cfg, splits, teacher, cache_file, weights, seed=ctx.cfg.seed,
                             work_dir=ctx.work_dir, log=ctx.log, stage="distill")
+        if not world().is_main:  # a distributed build: rank 0 alone scores and writes the student
+            return {}
         save_state_dict(student, ctx.out_dir / "student.pt")
         test_acc = accuracy(predict_logits(student, splits.x_test), splits.y_test)
         ctx.log(f"student val accuracy {run.result.val_accuracy:.4f}, test accuracy (torch) {test_acc:.4f}")
         return {"arch": ctx.cfg.student.arch, "params": count_params(student), "val_accuracy": run.result.val_accuracy,
                 "test_accuracy_torch": test_acc, "history": run.result.history,
                 "resumed_from_epoch": run.result.resumed_from_epoch, "train_seconds": run.result.seconds,
+                "train_processes": run.result.processes,
                 "teacher_output_cache": run.teacher_output_cache, "teacher_output_cache_note": run.cache_note,
                 "methods": run.methods, "distilled_from": "assistant" if ctx.cfg.assistant is not None else "teacher"}
 

@@ -9,6 +9,7 @@ from edgekd.compress.pruning import (count_macs_params, layer_shapes, load_prune
                                      summary_of_layers)
 from edgekd.distill.run import distill_model
 from edgekd.distill.trainer import accuracy, predict_logits
+from edgekd.distributed import world
 from edgekd.errors import StageError
 from edgekd.models.zoo import model_from_config
 from edgekd.pipeline.engine import Stage, StageContext
@@ -17,6 +18,7 @@ from edgekd.stages.common import batch_teacher, load_splits, load_student, save_
 
 class PruneStage(Stage):
     name = "prune"
+    distributed = True  # trains: every rank of a distributed build takes part
     deps = ("data", "teacher", "distill")
     description = "structured channel pruning + KD recovery"
 
@@ -40,15 +42,19 @@ class PruneStage(Stage):
         acc0 = test_acc(student)
         ratio = cfg.ratio
         if cfg.target_macs is not None:
-            ratio = ratio_for_macs(student, example, cfg.target_macs, cfg.importance, cfg.global_pruning)
+            ratio = ratio_for_macs(student, example, cfg.target_macs, cfg.importance, cfg.global_pruning,
+                                   layer_ratios=cfg.layer_ratios, round_to=cfg.round_to)
             ctx.log(f"target {cfg.target_macs:,} MACs (from {macs0:,}) -> pruning ratio {ratio:.3f}")
-        prune_channels(student, example, ratio, cfg.importance, cfg.global_pruning)
+        prune_channels(student, example, ratio, cfg.importance, cfg.global_pruning, cfg.layer_ratios, cfg.round_to)
         macs1, params1 = count_macs_params(student, example)
         shapes1 = layer_shapes(student)
         acc_pruned = test_acc(student)
         changed = summary_of_layers(shapes0, shapes1)
         ctx.log(f"pruned {ratio:.3f} of the channels ({cfg.importance} group magnitude"
-                f"{', global' if cfg.global_pruning else ''}; classifier kept): params {params0:,} -> {params1:,} "
+                f"{', global' if cfg.global_pruning else ''}"
+                f"{f'; per-layer {cfg.layer_ratios}' if cfg.layer_ratios else ''}"
+                f"{f'; kept channels rounded to multiples of {cfg.round_to}' if cfg.round_to else ''}; "
+                f"classifier kept): params {params0:,} -> {params1:,} "
                 f"({params1 / params0:.1%}), MACs {macs0:,} -> {macs1:,} ({macs1 / macs0:.1%}); test accuracy "
                 f"{acc0:.4f} -> {acc_pruned:.4f} before recovery")
         for layer, what in changed.items():
@@ -57,6 +63,8 @@ class PruneStage(Stage):
         teacher, cache_file, weights = batch_teacher(ctx, splits)
         result = distill_model(student, rec, splits, teacher, cache_file, weights, seed=ctx.cfg.seed,
                                work_dir=ctx.work_dir, log=ctx.log, stage="prune").result
+        if not world().is_main:  # a distributed build: rank 0 alone scores and writes the pruned student
+            return {}
         acc1 = test_acc(student)
         ctx.log(f"after {rec.epochs} epochs of KD recovery: test accuracy {acc1:.4f} (unpruned {acc0:.4f}, "
                 f"{(acc1 - acc0) * 100:+.2f} points)")
@@ -72,6 +80,7 @@ class PruneStage(Stage):
                                         "and layer shapes")
         return {"method": "structured channel pruning (torch-pruning, group magnitude)", "ratio": ratio,
                 "target_macs": cfg.target_macs, "importance": cfg.importance, "global_pruning": cfg.global_pruning,
+                "layer_ratios": dict(cfg.layer_ratios), "round_to": cfg.round_to,
                 "params_before": params0, "params_after": params1, "params_ratio": params1 / params0,
                 "macs_before": macs0, "macs_after": macs1, "macs_ratio": macs1 / macs0,
                 "test_accuracy_before": acc0, "test_accuracy_after_pruning": acc_pruned,

@@ -9,6 +9,7 @@ import numpy as np
 from edgekd.compress.qat import clamped_float_model, convert, fake_quant_ranges, make_quantizer, prepare_qat
 from edgekd.distill.run import distill_model
 from edgekd.distill.trainer import accuracy, predict_logits
+from edgekd.distributed import world
 from edgekd.errors import StageError
 from edgekd.export.onnx_export import export_onnx
 from edgekd.pipeline.engine import Stage, StageContext
@@ -21,6 +22,7 @@ FLOAT_KERNELS = {"Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "NchwcConv"
 
 class QATStage(Stage):
     name = "qat"
+    distributed = True  # trains: every rank of a distributed build takes part
     deps = ("data", "teacher", "distill")
     optional_deps = ("prune",)  # trains the pruned student when pruning is on
     uses_target = True
@@ -51,7 +53,9 @@ class QATStage(Stage):
 
         teacher, cache_file, weights = batch_teacher(ctx, splits)
         result = distill_model(prepared, cfg, splits, teacher, cache_file, weights, seed=ctx.cfg.seed,
-                               work_dir=ctx.work_dir, log=ctx.log, stage="qat").result
+                               work_dir=ctx.work_dir, log=ctx.log, stage="qat", amp=False).result
+        if not world().is_main:  # a distributed build: rank 0 alone converts, exports and checks
+            return {}
         converted = convert(prepared)
         torch_logits = predict_logits(converted, splits.x_test)
         torch_acc = accuracy(torch_logits, splits.y_test)
@@ -73,7 +77,8 @@ class QATStage(Stage):
         artifacts = [{"name": "student_qat_int8.onnx", "file": onnx_path.name, "format": "onnx", "precision": "int8"}]
         summary = {"scheme": scheme, "epochs": cfg.epochs, "alpha": cfg.alpha, "temperature": cfg.temperature,
                    "history": result.history, "resumed_from_epoch": result.resumed_from_epoch,
-                   "train_seconds": result.seconds, "pruned": ctx.has_input("prune"),
+                   "train_seconds": result.seconds, "train_processes": result.processes,
+                   "pruned": ctx.has_input("prune"),
                    "test_accuracy_float": float_acc, "test_accuracy_torch_converted": torch_acc,
                    "test_accuracy_onnxruntime": ort_acc,
                    "onnxruntime_vs_torch_top1_agreement":

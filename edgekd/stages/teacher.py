@@ -11,7 +11,7 @@ import torch
 
 from edgekd.distill.losses.ensemble import ensemble_logits
 from edgekd.distill.teachers import input_shape_for, with_input_size
-from edgekd.distill.trainer import accuracy, predict_logits, train
+from edgekd.distill.trainer import accuracy, predict_logits_shared, train
 from edgekd.errors import DataError
 from edgekd.models.checkpoint import load_into, load_state_dict
 from edgekd.models.zoo import count_params, model_from_config
@@ -22,6 +22,7 @@ from edgekd.stages.common import load_splits, save_state_dict, teacher_file
 
 class TeacherStage(Stage):
     name = "teacher"
+    distributed = True  # trains: every rank of a distributed build takes part
     deps = ("data",)
     description = "load or train the teacher(s)"
 
@@ -43,12 +44,14 @@ class TeacherStage(Stage):
         for i, (tcfg, name, key) in enumerate(zip(teachers, names, ctx.cfg.teacher_keys())):
             work_dir = ctx.work_dir / f"teacher_{i}" if several else ctx.work_dir
             work_dir.mkdir(parents=True, exist_ok=True)
+            torch.manual_seed(ctx.cfg.seed + i)  # reproducible initial weights (each teacher its own)
             model, history = _load_or_train(ctx, splits, tcfg, key, work_dir)
             save_state_dict(model, ctx.out_dir / teacher_file(i, len(teachers)))
             adapted = with_input_size(model, tcfg.input_size)
-            # Teacher output cache: inputs are not augmented, so the soft targets are the same every epoch.
+            # Teacher output cache: inputs are not augmented, so the soft targets are the same every epoch. Computed
+            # once, split among the ranks of a distributed build.
             for split in logits:
-                logits[split].append(predict_logits(adapted, getattr(splits, f"x_{split}")))
+                logits[split].append(predict_logits_shared(adapted, getattr(splits, f"x_{split}")))
             val_acc = accuracy(logits["val"][-1], splits.y_val)
             test_acc = accuracy(logits["test"][-1], splits.y_test)
             label = f"teacher {name} ({tcfg.arch})" if several else f"teacher {tcfg.arch}"

@@ -93,6 +93,9 @@ class TargetProfile:
     # Which artifacts run through the EP; None -> every ONNX artifact whose precision the profile prefers.
     accelerator_artifacts: Optional[list[str]] = None
     min_accelerator_node_fraction: Optional[float] = None
+    # onnxruntime graph optimizers the target's runtime does not have, turned off when measuring on this host so the
+    # host runs the graph the device would. None: derived from cpu_arch (see `host_disabled_optimizers`).
+    onnxruntime_disabled_optimizers: Optional[list[str]] = None
     static_shapes: bool = False
     static_batch_size: int = 1
     quantization: QuantScheme = field(default_factory=QuantScheme)
@@ -181,6 +184,20 @@ class TargetProfile:
 
     def as_dict(self) -> dict:
         return to_plain(self)
+
+    @property
+    def host_disabled_optimizers(self) -> list[str]:
+        """The onnxruntime optimizers a host measurement turns off for this target.
+
+        An ARM target: ORT's NCHWc layout transformer, which blocks channels by 8 (AVX2) or 16 (AVX-512) on x86. Stock
+        arm64/armv7 onnxruntime builds do not have it (it is registered only when MlasNchwcGetBlockSize() > 1, and the
+        NEON NCHWc kernels sit behind the off-by-default build option onnxruntime_USE_ARM_NEON_NCHWC), so the device
+        runs the plain graph (FusedConv, MaxPool, FusedGemm). Measuring the x86 layout instead would, for one, hide
+        what pruning a 16-channel conv to 8 saves on the device.
+        """
+        if self.onnxruntime_disabled_optimizers is not None:
+            return list(self.onnxruntime_disabled_optimizers)
+        return ["NchwcTransformer"] if self.cpu_arch in ("arm64", "armv7") else []
 
     @property
     def host_measured_label(self) -> str:

@@ -55,7 +55,10 @@ def _guard(fn):
     except EdgekdError as exc:
         _fail(exc, exc.exit_code)
     except KeyboardInterrupt:
-        print("edgekd: interrupted; finished stages are kept, rerun to continue", file=sys.stderr)
+        from edgekd.distributed import world
+
+        if world().is_main:  # the ranks of a distributed build are interrupted together: one line
+            print("edgekd: interrupted; finished stages are kept, rerun to continue", file=sys.stderr)
         raise typer.Exit(130)
     except Exception as exc:  # noqa: BLE001 - an internal error still gets one line, the traceback with --debug
         if _DEBUG["on"]:

@@ -230,18 +230,25 @@ def launch_local(nproc: int, argv: list[str]) -> int:
     torchrun --standalone does) and return the build's exit code: rank 0's, or the first failing rank's."""
     import logging
 
+    # The launcher's chatter (and its own lines about a failed or interrupted worker) is not the user's business: the
+    # ranks say what failed. torch.distributed.elastic sets each module logger's level from $LOGLEVEL at import.
+    quiet = {"LOGLEVEL": os.environ.get("LOGLEVEL")}
+    os.environ["LOGLEVEL"] = "CRITICAL"
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    for name in ("torch.distributed.elastic", "torch.distributed.launcher"):
-        # Its chatter (and its own line about a failed worker) is not the user's business: the ranks say what failed.
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.launcher")):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"edgekd-{os.getpid()}",
                           rdzv_backend="c10d", rdzv_endpoint=f"localhost:{_free_port()}", max_restarts=0,
                           monitor_interval=0.5, start_method="spawn")
     try:
         elastic_launch(config, sys.executable)("-m", "edgekd", *argv)
+    except SignalException:  # Ctrl-C / SIGTERM: the launcher stopped the ranks, rank 0 said "interrupted"
+        return 130
     except ChildFailedError as exc:
         # Each rank already printed its own one-line error; report the exit code the failing rank chose.
         rank, failure = exc.get_first_failure()
@@ -250,6 +257,11 @@ def launch_local(nproc: int, argv: list[str]) -> int:
             print(f"edgekd: error: rank {rank} of the distributed build was stopped (exit {code})", file=sys.stderr)
             return 2
         return int(code)
+    finally:
+        if quiet["LOGLEVEL"] is None:
+            os.environ.pop("LOGLEVEL", None)
+        else:
+            os.environ["LOGLEVEL"] = quiet["LOGLEVEL"]
     return 0
 
 

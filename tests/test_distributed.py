@@ -218,3 +218,25 @@ def test_prune_recovery_and_qat_on_two_processes(tmp_path):
     assert abs(qat["test_accuracy_onnxruntime"] - qat["test_accuracy_torch_converted"]) <= 0.002
     assert "QLinearConv" in qat["onnx"]["onnxruntime_optimized_op_types"]
     assert not list((run_dir / "stages").glob(".*tmp*")) and not list((run_dir / "stages").glob("*.work"))
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_rank_with_one_line(digits_copy, tmp_path):
+    """SIGINT to `edgekd build --nproc 2` mid-distill: exit 130, one line, no rank left running (the launcher stops
+    them), the checkpoint kept for the next build."""
+    pipeline = write_pipeline(tmp_path / "long.yaml", name="digits", distill={"epochs": 400})
+    ckpt = digits_copy / "stages" / "distill.work" / "checkpoint.pt"
+    proc = subprocess.Popen([sys.executable, "-m", "edgekd", "build", "--pipeline", str(pipeline),
+                             "--run-dir", str(digits_copy), "--nproc", "2"], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and not ckpt.is_file():
+        time.sleep(0.05)
+    assert proc.poll() is None, "the build finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == ["edgekd: interrupted; finished stages are kept, rerun to continue"], err
+    assert ckpt.is_file()
+    left = subprocess.run(["pgrep", "-f", str(digits_copy)], capture_output=True, text=True).stdout.split()
+    assert not left, f"ranks still running: {left}"

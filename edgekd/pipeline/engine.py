@@ -4,8 +4,8 @@ A stage is a pass with a `run(ctx) -> data` contract: it reads its inputs' files
 writes its own files into `ctx.out_dir`, and returns a JSON-able summary. The engine keys each stage's output
 by a digest of everything that determines it:
 
-    key = sha256(edgekd version, stage name, the stage's config section, the target profile (if the stage
-                 uses it), and the content digests of its input stages' outputs)
+    key = sha256(edgekd version and code digest, stage name, the stage's config section, the target profile (if
+                 the stage uses it), and the content digests of its input stages' outputs)
 
 so a change anywhere reruns exactly that stage and what depends on it. Outputs land as
 `stages/<name>/` with a `manifest.json` (key, file digests, summary); the folder is written under a temporary
@@ -31,6 +31,21 @@ from edgekd.errors import EdgekdError, StageError, first_line
 from edgekd.pipeline.store import atomic_write_json, read_json, sha256_file, sha256_json
 
 MANIFEST = "manifest.json"
+_CODE_DIGEST: list[str] = []
+
+
+def code_version() -> str:
+    """edgekd's version plus a digest of its own source files: a changed stage implementation (a fix, a new
+    default) must not leave results made by the old code looking current. Any .py change rebuilds; coarse but safe."""
+    if not _CODE_DIGEST:
+        import hashlib
+
+        root = Path(__file__).resolve().parent.parent
+        h = hashlib.sha256()
+        for path in sorted(root.rglob("*.py")):
+            h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+        _CODE_DIGEST.append(h.hexdigest()[:12])
+    return f"{__version__}+{_CODE_DIGEST[0]}"
 
 
 @dataclass
@@ -126,7 +141,7 @@ class Engine:
 
     def key_parts(self, stage: Stage, inputs: dict[str, StageOutput]) -> dict:
         return {
-            "edgekd": __version__,
+            "edgekd": code_version(),
             "stage": stage.name,
             "config": stage.config(self.cfg),
             "extra": stage.extra_key(self.cfg),
@@ -199,8 +214,9 @@ class Engine:
                 forced: set[str]) -> tuple[str, Any]:
         """What to do with `stage`: ("use", stored output or None) for the stages --only leaves alone, ("skipped" |
         "not-run", why), ("cached", output) or ("run", (key, key parts)); the work folder is ready for a run."""
-        if only and stage.name != only:
-            return "use", self.load_output(stage.name, verify=False)[0]
+        if only and stage.name != only:  # a disabled stage's leftover output (prune turned off) is not an input
+            enabled = stage.config(self.cfg) is not None
+            return "use", self.load_output(stage.name, verify=False)[0] if enabled else None
         if stage.config(self.cfg) is None:
             return "skipped", "disabled in the pipeline"
         missing = [d for d in stage.deps if d not in outputs]
@@ -384,7 +400,7 @@ class SingleProcess:
 
 def _why_changed(old: dict, new: dict) -> str:
     if old.get("edgekd") != new.get("edgekd"):
-        return f"edgekd version changed ({old.get('edgekd')} -> {new.get('edgekd')})"
+        return f"edgekd version or code changed ({old.get('edgekd')} -> {new.get('edgekd')})"
     if old.get("config") != new.get("config"):
         changed = _diff_keys(old.get("config"), new.get("config"))
         return "config changed: " + (", ".join(changed[:4]) if changed else "section")

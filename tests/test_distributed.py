@@ -240,3 +240,22 @@ def test_ctrl_c_stops_every_rank_with_one_line(digits_copy, tmp_path):
     assert ckpt.is_file()
     left = subprocess.run(["pgrep", "-f", str(digits_copy)], capture_output=True, text=True).stdout.split()
     assert not left, f"ranks still running: {left}"
+
+
+@pytest.mark.slow
+def test_the_documented_multi_node_command(digits_copy, digits_run):
+    """README's several-machines form, as two torchrun "nodes" of one process each on this host (c10d rendezvous,
+    the run dir shared because it is the same disk): the distill stage trains on both and rank 0 writes it."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{_free_port()}", "--rdzv-id", "edgekd-test",
+           "-m", "edgekd", "build", "--pipeline", str(DIGITS), "--run-dir", str(digits_copy), "--only", "distill"]
+    nodes = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [node.communicate(timeout=600) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in outs]
+    said = [out for out, _ in outs if "training on 2 processes (2 node(s) x 1), backend gloo" in out]
+    assert len(said) == 1  # rank 0's node talks, the other node's rank is silent
+    single = json.loads((digits_run / "stages" / "distill" / "manifest.json").read_text())["data"]
+    ddp = json.loads((digits_copy / "stages" / "distill" / "manifest.json").read_text())["data"]
+    assert ddp["train_processes"] == 2
+    assert abs(ddp["test_accuracy_torch"] - single["test_accuracy_torch"]) <= 0.01

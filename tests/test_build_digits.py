@@ -15,8 +15,8 @@ from conftest import DIGITS, REPO, read_report, run_cli, stage_statuses, write_p
 
 pytestmark = pytest.mark.slow
 
-ALL_STAGES = ["data", "teacher", "distill", "export_onnx", "quantize", "export_tflite", "evaluate", "benchmark",
-              "gate", "report"]
+ALL_STAGES = ["data", "teacher", "distill", "export_onnx", "quantize", "export_tflite", "quantize_tflite", "evaluate",
+              "benchmark", "gate", "report"]
 ARTIFACTS = {"student_fp32.onnx", "student_int8.onnx", "student_fp32.tflite", "student_int8.tflite"}
 
 
@@ -67,7 +67,7 @@ def test_every_artifact_loads_and_matches_in_its_runtime(digits_run):
         out = runner(path).predict(splits.x_test)
         assert np.abs(out - ref).max() < 1e-3, path
     for path, runner in ((stages / "quantize/student_int8.onnx", OrtRunner),
-                         (stages / "export_tflite/student_int8.tflite", TFLiteRunner)):
+                         (stages / "quantize_tflite/student_int8.tflite", TFLiteRunner)):
         out = runner(path).predict(splits.x_test[:37])
         assert out.shape == (37, 10)
         assert (out.argmax(1) == ref[:37].argmax(1)).mean() >= 0.9, path
@@ -92,6 +92,8 @@ def test_second_build_is_fully_cached_and_fast(digits_copy):
     ({"budget": {"max_accuracy_drop": 0.06}}, {"gate", "report"}),
     ({"quantize": {"calibration_samples": 200}}, {"quantize", "evaluate", "benchmark", "gate", "report"}),
     ({"distill": {"temperature": 3.0}}, set(ALL_STAGES) - {"data", "teacher"}),
+    # int8 TFLite calibration: only the int8 TFLite is rebuilt, not the onnx2tf conversion
+    ({"tflite": {"calibration_samples": 100}}, {"quantize_tflite", "evaluate", "benchmark", "gate", "report"}),
 ])
 def test_a_change_reruns_exactly_what_depends_on_it(digits_copy, tmp_path, change, expected):
     pipeline = write_pipeline(tmp_path / "changed.yaml", name="digits", **change)

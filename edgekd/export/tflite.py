@@ -218,6 +218,31 @@ def _quantize_int8(saved_model_dir: Path, calib_nhwc: np.ndarray) -> bytes:
     return converter.convert()
 
 
+def quantize_saved_model_int8(saved_model_dir: Path, calibration_nchw: np.ndarray, out_path: Path,
+                              stage: str = "quantize_tflite") -> Path:
+    """Full-integer int8 TFLite (int8 input and output tensors) from a SavedModel onnx2tf wrote, with TF's converter
+    and a representative dataset of calibration_nchw ((N, C, H, W) float32). Raises StageError(stage, ...)."""
+    cal = np.asarray(calibration_nchw)
+    if cal.ndim != 4 or len(cal) == 0 or not np.all(np.isfinite(cal)):
+        raise StageError(stage, f"calibration data must be finite (N, C, H, W) images, got shape {cal.shape}")
+    if len(cal) > MAX_CALIBRATION_SAMPLES:
+        cal = cal[np.linspace(0, len(cal) - 1, MAX_CALIBRATION_SAMPLES).astype(int)]
+    calib_nhwc = np.ascontiguousarray(np.asarray(cal, dtype=np.float32).transpose(0, 2, 3, 1))
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ["TF_USE_LEGACY_KERAS"] = "1"
+    with tempfile.TemporaryDirectory(prefix="edgekd_tflite_int8_") as tmp:
+        captured: Path | None = None
+        with _restored_process_state():
+            try:
+                with _captured_fds(Path(tmp) / "convert.log") as captured:
+                    data = _quantize_int8(Path(saved_model_dir), calib_nhwc)
+            except (Exception, SystemExit) as exc:  # noqa: BLE001 - the converter's failure as one line
+                detail = _one_line(exc) if not isinstance(exc, SystemExit) else (_log_tail(captured) or "exited")
+                raise StageError(stage, f"{Path(out_path).name}: int8 quantization failed: {detail}") from None
+    Path(out_path).write_bytes(data)
+    return Path(out_path)
+
+
 def _check_parity(onnx_path: Path, paths: dict[str, Path], samples_nchw: np.ndarray, static_batch: int | None,
                   log: Callable[[str], None]) -> None:
     import onnxruntime as ort
@@ -260,13 +285,15 @@ def _check_parity(onnx_path: Path, paths: dict[str, Path], samples_nchw: np.ndar
 
 def convert_onnx_to_tflite(onnx_path: Path, out_dir: Path, calibration_nchw: np.ndarray | None,
                            *, fp32_name: str = "student_fp32.tflite", int8_name: str = "student_int8.tflite",
-                           log: Callable[[str], None] = print) -> dict[str, Path]:
+                           log: Callable[[str], None] = print,
+                           saved_model_out: Path | None = None) -> dict[str, Path]:
     """Convert a float ONNX model (input NCHW float32 in [0,1], dynamic batch dim, output logits (N, classes)) to
     TFLite fp32 and, if calibration_nchw is given, full-integer int8 (int8 input and output tensors, TF's
     converter with a representative_dataset built from calibration_nchw). Returns {"fp32": path, "int8": path}.
 
     Both models take NHWC input and keep a dynamic batch (run them with edgekd.runtimes.tflite_runner).
     The input file is never modified and nothing is downloaded. Raises StageError("export_tflite", ...) on failure.
+    `saved_model_out`: keep onnx2tf's SavedModel there (for `quantize_saved_model_int8` in a later stage).
     """
     onnx_path = Path(onnx_path)
     out_dir = Path(out_dir)
@@ -326,6 +353,11 @@ def convert_onnx_to_tflite(onnx_path: Path, out_dir: Path, calibration_nchw: np.
                     detail = f"{exc}" + (f" ({tail})" if tail else "")
                 raise StageError(STAGE, f"{step} failed{where}: {detail}") from None
 
+        if saved_model_out is not None:  # the SavedModel alone, not onnx2tf's other .tflite files
+            Path(saved_model_out).mkdir(parents=True, exist_ok=True)
+            for part in saved_model_dir.iterdir():
+                if part.name in ("saved_model.pb", "fingerprint.pb", "variables", "assets"):
+                    (shutil.copytree if part.is_dir() else shutil.copyfile)(part, Path(saved_model_out) / part.name)
         fp32_out = out_dir / fp32_name
         shutil.copyfile(fp32_tmp, fp32_out)
         results["fp32"] = fp32_out

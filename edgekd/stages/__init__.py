@@ -17,8 +17,10 @@ def all_stages():
     from edgekd.stages.prune import PruneStage
     from edgekd.stages.qat import QATStage
     from edgekd.stages.quantize import QuantizeStage
+    from edgekd.stages.quantize_tflite import QuantizeTFLiteStage
     from edgekd.stages.report import ReportStage
     from edgekd.stages.teacher import TeacherStage
 
-    return [DataStage(), TeacherStage(), AssistantStage(), DistillStage(), PruneStage(), QATStage(), ExportOnnxStage(), QuantizeStage(),
-            ExportTFLiteStage(), EvaluateStage(), BenchmarkStage(), GateStage(), ReportStage()]
+    return [DataStage(), TeacherStage(), AssistantStage(), DistillStage(), PruneStage(), QATStage(), ExportOnnxStage(),
+            QuantizeStage(), ExportTFLiteStage(), QuantizeTFLiteStage(), EvaluateStage(), BenchmarkStage(), GateStage(),
+            ReportStage()]

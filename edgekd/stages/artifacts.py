@@ -7,7 +7,7 @@ from pathlib import Path
 
 from edgekd.pipeline.engine import StageContext
 
-ARTIFACT_STAGES = ("export_onnx", "quantize", "export_tflite", "qat")
+ARTIFACT_STAGES = ("export_onnx", "quantize", "export_tflite", "quantize_tflite", "qat")
 
 
 @dataclass

@@ -45,7 +45,7 @@ def run_worker(spec: dict, timeout: float = 600) -> dict:
 class BenchmarkStage(Stage):
     name = "benchmark"
     deps = ("data", "export_onnx")
-    optional_deps = ("quantize", "export_tflite", "qat")
+    optional_deps = ("quantize", "export_tflite", "quantize_tflite", "qat")
     uses_target = True
     description = "latency and memory under the target profile (host-measured)"
 

@@ -13,7 +13,7 @@ from edgekd.stages.common import load_splits, load_student, load_teacher
 class EvaluateStage(Stage):
     name = "evaluate"
     deps = ("data", "teacher", "distill", "export_onnx")
-    optional_deps = ("prune", "quantize", "export_tflite", "qat")
+    optional_deps = ("prune", "quantize", "export_tflite", "quantize_tflite", "qat")
     description = "accuracy on the test split, in each artifact's runtime"
 
     def config(self, cfg):

@@ -7,7 +7,8 @@ from edgekd.reports.build import build_report
 class ReportStage(Stage):
     name = "report"
     deps = ("data", "teacher", "distill", "evaluate")
-    optional_deps = ("assistant", "prune", "qat", "export_onnx", "quantize", "export_tflite", "benchmark", "gate")
+    optional_deps = ("assistant", "prune", "qat", "export_onnx", "quantize", "export_tflite", "quantize_tflite",
+                     "benchmark", "gate")
     uses_target = True
     description = "assemble the report"
 

@@ -318,7 +318,12 @@ def devices_show(name: str = typer.Argument(..., help="profile name or .yaml pat
 
         from edgekd.targets.profiles import load_profile
 
-        print(yaml.safe_dump(load_profile(name).as_dict(), sort_keys=False).rstrip())
+        profile = load_profile(name)
+        print(yaml.safe_dump(profile.as_dict(), sort_keys=False).rstrip())
+        # what the derived settings come to on this host
+        off = profile.host_disabled_optimizers
+        print(f"# host measurements: onnxruntime {'without ' + ', '.join(off) if off else 'with all its optimizers'}"
+              f" ({'as the profile says' if profile.onnxruntime_disabled_optimizers is not None else 'from cpu_arch'})")
 
     _guard(body)
 

@@ -87,6 +87,7 @@ def test_devices_cli_lists_and_shows_profiles():
     assert show.returncode == 0, show.stderr
     shown = yaml.safe_load(show.stdout)
     assert shown["execution_provider"] == "QNNExecutionProvider" and shown["provider_options"]["soc_model"] == "57"
+    assert "# host measurements: onnxruntime without NchwcTransformer (from cpu_arch)" in show.stdout
 
 
 @pytest.mark.parametrize("fields, needle", [

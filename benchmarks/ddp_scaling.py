@@ -29,7 +29,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.multiprocessing as mp
 
@@ -64,7 +63,7 @@ def _rank(rank: int, nproc: int, port: int, args: dict, out: str) -> None:
         seconds = time.perf_counter() - t0
     if w.is_main:
         Path(out).write_text(f"{seconds} {torch.get_num_threads()}")
-    distributed.shutdown()
+    distributed.leave_together(w)  # ranks other than 0 exit here
 
 
 def _free_port() -> int:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import statistics
 import sys
 import tempfile
@@ -58,7 +59,7 @@ def main() -> int:
     from edgekd.models.zoo import model_from_config
     from edgekd.runtimes.ort_runner import OrtRunner
     from edgekd.stages.benchmark import run_worker
-    from edgekd.targets.profiles import load_profile
+    from edgekd.targets.profiles import cpu_model, load_profile
 
     cfg = load_pipeline(args.pipeline)
     profile = load_profile(args.target)
@@ -103,7 +104,7 @@ def main() -> int:
               **{graph: median["pruned", graph] / median["unpruned", graph] for graph in graphs}}
     drop = (u["accuracy"] - p["accuracy"]) * 100
     print(f"pipeline {cfg.name} ({args.pipeline}); run dir {run_dir}")
-    print(f"fp32 ONNX, onnxruntime CPU on this host ({profile.host_measured_label.split(', under')[0]}), batch "
+    print(f"fp32 ONNX, onnxruntime CPU on this host ({platform.machine()}, {cpu_model()}), batch "
           f"{args.batch}, {args.threads} thread(s), {args.runs} timed runs x {args.rounds} interleaved rounds")
     labels = {"target": f"{profile.name} graph (without {', '.join(graphs['target']) or 'nothing'})",
               "x86": "x86 graph (ORT_ENABLE_ALL, NCHWc)"}

@@ -17,7 +17,6 @@ a single process is the world of size 1 and pays nothing.
 from __future__ import annotations
 
 import os
-import pickle
 import socket
 import sys
 from dataclasses import dataclass
@@ -26,10 +25,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgekd.errors import EdgekdError
-
-# torchrun's environment; WORLD_SIZE > 1 means "this process is one rank of a distributed build".
-ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
 
 @dataclass
 class World:
@@ -49,8 +44,6 @@ class World:
         return self.world_size > 1
 
     def describe(self) -> str:
-        if not self.is_distributed:
-            return f"1 process ({self.device})"
         return (f"{self.world_size} processes ({self.world_size // max(1, self.local_world_size)} node(s) x "
                 f"{self.local_world_size}), backend {self.backend}, {self.device.split(':')[0]}")
 
@@ -116,6 +109,7 @@ def world() -> World:
 
 
 def launched_by_torchrun() -> bool:
+    """torchrun's environment with WORLD_SIZE > 1: this process is one rank of a distributed build."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
@@ -269,12 +263,3 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
-
-
-def picklable_error(exc: BaseException) -> BaseException:
-    """An exception that survives broadcast_object_list (pickling) with its type when possible."""
-    try:
-        pickle.loads(pickle.dumps(exc))
-        return exc
-    except Exception:  # noqa: BLE001
-        return EdgekdError(str(exc))

@@ -18,6 +18,27 @@ def run_cli(*args, timeout=900, env=None, cwd=None):
                           timeout=timeout, cwd=cwd or REPO, env={**os.environ, **(env or {})})
 
 
+def build_until_checkpoint(run_dir: Path, pipeline: Path, min_epoch: int, *extra, timeout: float = 180, **popen):
+    """`edgekd build` started in the background, returned still running once its distill stage has checkpointed
+    at least `min_epoch` epochs (to be killed or interrupted by the caller). stdout/stderr default to DEVNULL."""
+    import time
+
+    import torch
+
+    ckpt = Path(run_dir) / "stages" / "distill.work" / "checkpoint.pt"
+    popen.setdefault("stdout", subprocess.DEVNULL)
+    popen.setdefault("stderr", subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "edgekd", "build", "--pipeline", str(pipeline), "--run-dir",
+                             str(run_dir), *map(str, extra)], cwd=REPO, **popen)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.is_file() and torch.load(ckpt, weights_only=True)["epoch"] >= min_epoch:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the build finished before it could be stopped"
+    return proc
+
+
 def write_pipeline(path: Path, base: Path = DIGITS, **sections) -> Path:
     """A copy of `base` with some sections updated (one level deep): write_pipeline(p, budget={...})."""
     cfg = yaml.safe_load(base.read_text())

@@ -3,15 +3,13 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import DIGITS, REPO, read_report, run_cli, stage_statuses, write_pipeline
+from conftest import DIGITS, build_until_checkpoint, read_report, run_cli, stage_statuses, write_pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -147,15 +145,7 @@ def test_build_from_a_user_supplied_teacher_checkpoint(digits_copy, tmp_path):
 def test_killed_distillation_resumes_from_its_checkpoint(digits_copy, tmp_path):
     pipeline = write_pipeline(tmp_path / "long.yaml", name="digits", distill={"epochs": 40, "temperature": 5.0})
     ckpt = digits_copy / "stages" / "distill.work" / "checkpoint.pt"
-    proc = subprocess.Popen([sys.executable, "-m", "edgekd", "build", "--pipeline", str(pipeline),
-                             "--run-dir", str(digits_copy)], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if ckpt.is_file() and torch.load(ckpt, weights_only=True)["epoch"] >= 3:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the build finished before it could be killed"
+    proc = build_until_checkpoint(digits_copy, pipeline, 3, timeout=120)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_at = torch.load(ckpt, weights_only=True)["epoch"]

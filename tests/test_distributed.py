@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from conftest import DIGITS, REPO, read_report, run_cli, stage_statuses, write_pipeline
+from conftest import DIGITS, REPO, build_until_checkpoint, read_report, run_cli, stage_statuses, write_pipeline
 from edgekd.config import TrainConfig
 from edgekd.distill.trainer import KDSettings, predict_logits, predict_logits_shared, train
 
@@ -64,7 +63,7 @@ def _rank_main(rank: int, world_size: int, port: int, out_dir: str) -> None:
     shared = predict_logits_shared(model, _digits_arrays()[2][:199])  # 199 rows: the ranks get 100 and 99
     torch.save({"state": state, "history": history, "shared_logits": torch.from_numpy(shared)},
                Path(out_dir) / f"rank{rank}.pt")
-    distributed.shutdown()
+    distributed.leave_together(w)  # ranks other than 0 exit here
 
 
 def _free_port() -> int:
@@ -145,15 +144,7 @@ def test_killed_two_process_distill_resumes_from_its_checkpoint(digits_copy, tmp
     0's last checkpoint (read by both ranks) and finishes every epoch; upstream stages stay cached."""
     pipeline = write_pipeline(tmp_path / "long.yaml", name="digits", distill={"epochs": 40, "temperature": 5.0})
     ckpt = digits_copy / "stages" / "distill.work" / "checkpoint.pt"
-    proc = subprocess.Popen([sys.executable, "-m", "edgekd", "build", "--pipeline", str(pipeline),
-                             "--run-dir", str(digits_copy), "--nproc", "2"], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        if ckpt.is_file() and torch.load(ckpt, weights_only=True)["epoch"] >= 3:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the build finished before it could be killed"
+    proc = build_until_checkpoint(digits_copy, pipeline, 3, "--nproc", "2", start_new_session=True)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_at = torch.load(ckpt, weights_only=True)["epoch"]
@@ -226,13 +217,7 @@ def test_ctrl_c_stops_every_rank_with_one_line(digits_copy, tmp_path):
     them), the checkpoint kept for the next build."""
     pipeline = write_pipeline(tmp_path / "long.yaml", name="digits", distill={"epochs": 400})
     ckpt = digits_copy / "stages" / "distill.work" / "checkpoint.pt"
-    proc = subprocess.Popen([sys.executable, "-m", "edgekd", "build", "--pipeline", str(pipeline),
-                             "--run-dir", str(digits_copy), "--nproc", "2"], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None and not ckpt.is_file():
-        time.sleep(0.05)
-    assert proc.poll() is None, "the build finished before it could be interrupted"
+    proc = build_until_checkpoint(digits_copy, pipeline, 1, "--nproc", "2", stderr=subprocess.PIPE, text=True)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err

@@ -176,7 +176,7 @@ def train(model: nn.Module, cfg: TrainConfig, x_train: np.ndarray, y_train: np.n
         sums: dict[str, float] = {}
         n_seen = 0
         temperature = None
-        bar = _progress(steps_per_epoch, f"{stage} epoch {epoch + 1}/{cfg.epochs}") if is_main else _no_bar
+        bar = _progress(steps_per_epoch, f"{stage} epoch {epoch + 1}/{cfg.epochs}", show=is_main)
         for step in range(steps_per_epoch):
             batch = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             if len(batch) < w.world_size:  # a last batch too small to give every rank a row (only when W > 1)
@@ -229,7 +229,7 @@ def train(model: nn.Module, cfg: TrainConfig, x_train: np.ndarray, y_train: np.n
             names = sorted(sums)
             totals = w.sum([sums[k] for k in names] + [float(n_seen)])
             sums, n_seen = dict(zip(names, totals[:-1])), int(totals[-1])
-        val_acc = _val_accuracy(model, x_val, y_val, w)
+        val_acc = accuracy(predict_logits_shared(model, x_val, w), y_val)  # split among the ranks
         row = {"epoch": epoch + 1, **{k: v / max(1, n_seen) for k, v in sums.items()}, "val_accuracy": val_acc,
                "lr": scheduler.get_last_lr()[0]}
         if temperature is not None:
@@ -247,17 +247,6 @@ def train(model: nn.Module, cfg: TrainConfig, x_train: np.ndarray, y_train: np.n
     for p in extra_params:
         p.data = p.data.to("cpu")
     return result
-
-
-def _val_accuracy(model: nn.Module, x_val: np.ndarray, y_val: np.ndarray, w: World) -> float:
-    """Validation accuracy; with several ranks each scores rows r, r+W, ... and the counts are summed."""
-    if not w.is_distributed:
-        return accuracy(predict_logits(model, x_val), y_val)
-    rows = slice(w.rank, None, w.world_size)
-    logits = predict_logits(model, np.ascontiguousarray(x_val[rows]))
-    correct = float((logits.argmax(1) == y_val[rows]).sum()) if len(logits) else 0.0
-    correct, total = w.sum([correct, float(len(y_val[rows]))])
-    return correct / total if total else float("nan")
 
 
 def _average_gradients(params: list, world_size: int) -> None:
@@ -279,10 +268,6 @@ def _autocast(device: torch.device, amp: bool):
     return contextlib.nullcontext()
 
 
-def _no_bar(step: int, terms: dict) -> None:
-    return None
-
-
 def _save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, history: list[dict],
                      extra_params: list) -> None:
     import io
@@ -296,9 +281,10 @@ def _save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, histor
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _progress(total: int, label: str):
-    """A one-line progress bar on a terminal (silent in CI logs, where the per-epoch line is enough)."""
-    if not sys.stderr.isatty():
+def _progress(total: int, label: str, show: bool = True):
+    """A one-line progress bar on a terminal (silent in CI logs, where the per-epoch line is enough, and on every
+    rank but 0)."""
+    if not (show and sys.stderr.isatty()):
         return lambda step, terms: None
 
     def update(step: int, terms: dict) -> None:

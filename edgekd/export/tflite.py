@@ -218,21 +218,32 @@ def _quantize_int8(saved_model_dir: Path, calib_nhwc: np.ndarray) -> bytes:
     return converter.convert()
 
 
+def _calibration_set(cal, chw: tuple, stage: str) -> np.ndarray:
+    """Calibration images (N, C, H, W) checked against the model input (C, H, W), at most MAX_CALIBRATION_SAMPLES
+    of them (evenly spaced), as contiguous float32."""
+    cal = np.asarray(cal)
+    if cal.ndim != 4 or tuple(cal.shape[1:]) != tuple(chw) or len(cal) == 0:
+        raise StageError(stage, f"calibration data shape {cal.shape} does not match the model input (N, "
+                                f"{', '.join(map(str, chw))})")
+    if not np.all(np.isfinite(cal)):
+        raise StageError(stage, "calibration data contains NaN/inf")
+    if len(cal) > MAX_CALIBRATION_SAMPLES:
+        cal = cal[np.linspace(0, len(cal) - 1, MAX_CALIBRATION_SAMPLES).astype(int)]
+    return np.ascontiguousarray(cal, dtype=np.float32)
+
+
 def quantize_saved_model_int8(saved_model_dir: Path, calibration_nchw: np.ndarray, out_path: Path,
                               stage: str = "quantize_tflite") -> Path:
     """Full-integer int8 TFLite (int8 input and output tensors) from a SavedModel onnx2tf wrote, with TF's converter
     and a representative dataset of calibration_nchw ((N, C, H, W) float32). Raises StageError(stage, ...)."""
     cal = np.asarray(calibration_nchw)
-    if cal.ndim != 4 or len(cal) == 0 or not np.all(np.isfinite(cal)):
-        raise StageError(stage, f"calibration data must be finite (N, C, H, W) images, got shape {cal.shape}")
-    if len(cal) > MAX_CALIBRATION_SAMPLES:
-        cal = cal[np.linspace(0, len(cal) - 1, MAX_CALIBRATION_SAMPLES).astype(int)]
-    calib_nhwc = np.ascontiguousarray(np.asarray(cal, dtype=np.float32).transpose(0, 2, 3, 1))
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    os.environ["TF_USE_LEGACY_KERAS"] = "1"
+    chw = cal.shape[1:] if cal.ndim == 4 else (-1, -1, -1)  # (C, H, W): the SavedModel fixes them, not the caller
+    calib_nhwc = np.ascontiguousarray(_calibration_set(cal, chw, stage).transpose(0, 2, 3, 1))
     with tempfile.TemporaryDirectory(prefix="edgekd_tflite_int8_") as tmp:
         captured: Path | None = None
-        with _restored_process_state():
+        with _restored_process_state():  # TF's import and converter change process state, as onnx2tf does
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+            os.environ["TF_USE_LEGACY_KERAS"] = "1"
             try:
                 with _captured_fds(Path(tmp) / "convert.log") as captured:
                     data = _quantize_int8(Path(saved_model_dir), calib_nhwc)
@@ -306,15 +317,7 @@ def convert_onnx_to_tflite(onnx_path: Path, out_dir: Path, calibration_nchw: np.
 
     calib_nhwc = None
     if calibration_nchw is not None:
-        cal = np.asarray(calibration_nchw)
-        if cal.ndim != 4 or tuple(cal.shape[1:]) != chw or len(cal) == 0:
-            raise StageError(STAGE, f"calibration data shape {cal.shape} does not match the model input (N, {chw[0]}, "
-                                    f"{chw[1]}, {chw[2]})")
-        if not np.all(np.isfinite(cal)):
-            raise StageError(STAGE, "calibration data contains NaN/inf")
-        if len(cal) > MAX_CALIBRATION_SAMPLES:
-            cal = cal[np.linspace(0, len(cal) - 1, MAX_CALIBRATION_SAMPLES).astype(int)]
-        calibration_nchw = np.ascontiguousarray(cal, dtype=np.float32)
+        calibration_nchw = _calibration_set(calibration_nchw, chw, STAGE)
         calib_nhwc = np.ascontiguousarray(calibration_nchw.transpose(0, 2, 3, 1))
 
     out_dir.mkdir(parents=True, exist_ok=True)

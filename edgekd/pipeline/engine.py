@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from edgekd import __version__
+from edgekd.distributed import World
 from edgekd.errors import EdgekdError, StageError, first_line
 from edgekd.pipeline.store import atomic_write_json, read_json, sha256_file, sha256_json
 
@@ -129,13 +130,13 @@ class BuildResult:
 class Engine:
     def __init__(self, stages: Sequence[Stage], cfg: Any, target: Any, run_dir: Path,
                  log: Callable[[str], None] = print, debug: bool = False, options: dict | None = None,
-                 world: Any = None):
+                 world: World | None = None):
         self.stages = list(stages)
         self.by_name = {s.name: s for s in self.stages}
         self.cfg, self.target, self.run_dir = cfg, target, Path(run_dir)
         self.log, self.debug = log, debug
         self.options = options or {}
-        self.world = world if world is not None else SingleProcess()
+        self.world = world if world is not None else World()  # a single process
 
     # ------------------------------------------------------------------------------------------ keys
 
@@ -151,6 +152,14 @@ class Engine:
 
     def stage_dir(self, name: str) -> Path:
         return self.run_dir / "stages" / name
+
+    def work_dir(self, name: str) -> Path:
+        """A stage's checkpoints, kept across a killed run: stages/<name>.work."""
+        return self.run_dir / "stages" / f"{name}.work"
+
+    @staticmethod
+    def inputs_of(stage: Stage, outputs: dict[str, StageOutput]) -> dict[str, StageOutput]:
+        return {d: outputs[d] for d in (*stage.deps, *stage.optional_deps) if d in outputs}
 
     def load_output(self, name: str, verify: bool = True) -> tuple[Optional[StageOutput], str]:
         """The stored output of a stage, or (None, why not). With `verify`, file digests are re-checked."""
@@ -198,7 +207,7 @@ class Engine:
                 records.append(StageRecord(stage.name, "cached"))
                 continue
             key, parts = payload
-            inputs = {d: outputs[d] for d in (*stage.deps, *stage.optional_deps) if d in outputs}
+            inputs = self.inputs_of(stage, outputs)
             t0 = time.perf_counter()
             status, result = self._run_on_ranks(stage, inputs, key, parts)
             seconds = time.perf_counter() - t0
@@ -225,7 +234,7 @@ class Engine:
                 raise EdgekdError(f"--only {only}: its input {missing[0]} has not been built in {self.run_dir}; "
                                   f"run `edgekd build` (or --only {missing[0]}) first")
             return "not-run", f"needs {', '.join(missing)}"
-        inputs = {d: outputs[d] for d in (*stage.deps, *stage.optional_deps) if d in outputs}
+        inputs = self.inputs_of(stage, outputs)
         parts = self.key_parts(stage, inputs)
         key = sha256_json(parts)
         if not (only or stage.name in forced):
@@ -239,7 +248,7 @@ class Engine:
 
     def _prepare_work(self, name: str, key: str) -> None:
         """The work folder (checkpoints) survives a killed run, but only for the same key."""
-        work = self.stage_dir(name).parent / f"{name}.work"
+        work = self.work_dir(name)
         if read_json(work / "key.json") != {"key": key}:
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
@@ -287,7 +296,7 @@ class Engine:
         try:
             with tempfile.TemporaryDirectory(prefix=f"edgekd-rank{self.world.rank}-{stage.name}-") as scratch:
                 ctx = StageContext(self.cfg, self.target, self.run_dir, Path(scratch),
-                                   self.stage_dir(stage.name).parent / f"{stage.name}.work", inputs,
+                                   self.work_dir(stage.name), inputs,
                                    lambda msg: None, {**self.options, "stage": stage.name})
                 stage.run(ctx)
         except Exception as exc:  # noqa: BLE001 - see the docstring
@@ -320,7 +329,7 @@ class Engine:
     def _run_stage(self, stage: Stage, inputs: dict[str, StageOutput], key: str, parts: dict) -> StageOutput:
         final = self.stage_dir(stage.name)
         tmp = final.parent / f".{stage.name}.tmp-{os.getpid()}"
-        work = final.parent / f"{stage.name}.work"
+        work = self.work_dir(stage.name)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         ctx = StageContext(self.cfg, self.target, self.run_dir, tmp, work, inputs,
@@ -370,7 +379,7 @@ class Engine:
                 continue
             outputs[stage.name] = out
             stale_deps = [d for d in (*stage.deps, *stage.optional_deps) if d in fresh and not fresh[d]]
-            inputs = {d: outputs[d] for d in (*stage.deps, *stage.optional_deps) if d in outputs}
+            inputs = self.inputs_of(stage, outputs)
             parts = self.key_parts(stage, inputs)
             if stale_deps:
                 state, reason = "stale", f"input {stale_deps[0]} is not up to date"
@@ -384,18 +393,6 @@ class Engine:
             fresh[stage.name] = state == "up-to-date"
             rows.append({"stage": stage.name, "state": state, "why": reason})
         return rows
-
-
-class SingleProcess:
-    """The world of a build that is not distributed (edgekd.distributed.World has the same methods)."""
-
-    rank, world_size, is_main, is_distributed = 0, 1, True, False
-
-    def broadcast(self, obj: Any) -> Any:
-        return obj
-
-    def on_main(self, fn: Callable[[], Any]) -> Any:
-        return fn()
 
 
 def _why_changed(old: dict, new: dict) -> str:

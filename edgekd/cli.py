@@ -1,4 +1,4 @@
-"""edgekd's command line: build, status, gate, report, devices.
+"""edgekd's command line: build, status, gate, report, devices, cache.
 
 Exit codes: 0 built and every gate check passed; 1 built but the gate failed; 2 bad input or a stage error
 (one clear line on stderr, no traceback unless --debug).
@@ -22,6 +22,11 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
 devices_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, invoke_without_command=True,
                           help="List target profiles, or show one.")
 app.add_typer(devices_app, name="devices")
+cache_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                        help="The run directory's stage store: list its entries, prune it.")
+app.add_typer(cache_app, name="cache")
+
+DEFAULT_STORE_MAX_SIZE = "2G"  # the stage store's bound after each build (least recently used entries go first)
 
 _DEBUG = {"on": False}
 
@@ -54,6 +59,11 @@ def _guard(fn):
         raise
     except EdgekdError as exc:
         _fail(exc, exc.exit_code)
+    except OSError as exc:  # the environment, not a bug: a full disk, a read-only or vanished folder
+        if _DEBUG["on"]:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        _fail(EdgekdError(f"{exc.strerror or exc}{where}"))
     except KeyboardInterrupt:
         from edgekd.distributed import world
 
@@ -78,12 +88,50 @@ def _load(pipeline: Optional[Path], target: str):
     from edgekd.targets.profiles import load_profile
 
     cfg = load_pipeline(pipeline or DEFAULT_PIPELINE)
-    profile = load_profile(target)
+    try:
+        profile = load_profile(target)
+    except UnicodeDecodeError:  # a profile file of bytes: one line like a pipeline file's
+        raise EdgekdError(f"{target}: not a YAML text file (not UTF-8)") from None
     return cfg, profile
 
 
 def _run_dir(run_dir: Optional[Path], cfg, profile) -> Path:
-    return Path(run_dir) if run_dir else Path("runs") / f"{cfg.name}-{profile.name}"
+    """--run-dir, else runs/<pipeline>-<target>: a plain name that cannot leave runs/ (the pipeline name is checked
+    when loaded; a target profile's name is checked here)."""
+    if run_dir:
+        return Path(run_dir)
+    from edgekd.config import PLAIN_NAME, PLAIN_NAME_RULE
+
+    if not PLAIN_NAME.fullmatch(profile.name):
+        raise EdgekdError(f"target name {profile.name!r}: {PLAIN_NAME_RULE} (it names the run directory "
+                          f"runs/<pipeline>-<target>); rename the profile or pass --run-dir")
+    return Path("runs") / f"{cfg.name}-{profile.name}"
+
+
+def _prepare_run_dir(rd: Path) -> None:
+    """The run dir exists and is a writable directory, or one line says why not (before anything is written)."""
+    import tempfile
+
+    if rd.is_symlink() and not rd.exists():
+        raise EdgekdError(f"--run-dir {rd}: a symbolic link to nothing ({os.readlink(rd)})")
+    if rd.exists() and not rd.is_dir():
+        raise EdgekdError(f"--run-dir {rd}: exists and is not a directory")
+    try:
+        rd.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=rd, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise EdgekdError(f"--run-dir {rd}: cannot be used as a run directory ({exc.strerror or exc})") from None
+
+
+def _store_max_bytes(text: str) -> int:
+    from edgekd.pipeline.store import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise EdgekdError(f"--store-max-size {text!r}: not a size (bytes, or with K, M, G, T: 500M, 2G)") from None
 
 
 @app.command()
@@ -96,6 +144,10 @@ def build(
     force: bool = typer.Option(False, "--force", help="ignore the cache, rebuild every stage"),
     nproc: int = typer.Option(1, "--nproc", help="training processes on this machine: data-parallel (DDP) through "
                                                  "torch's elastic launcher, gloo on CPU, NCCL on GPUs"),
+    store_max_size: str = typer.Option(DEFAULT_STORE_MAX_SIZE, "--store-max-size",
+                                       help="bound of the run dir's stage store (earlier configs' outputs); least "
+                                            "recently used entries are evicted after the build. 0 keeps only the "
+                                            "current ones"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ):
     """Run the pipeline: data, teacher, distill, export, quantize, TFLite, evaluate, benchmark, gate, report."""
@@ -106,6 +158,7 @@ def build(
 
         if nproc < 1:
             raise EdgekdError(f"--nproc {nproc}: must be at least 1")
+        store_max_bytes = _store_max_bytes(store_max_size)
         if nproc > 1:
             if distributed.launched_by_torchrun():
                 raise EdgekdError("--nproc starts its own processes; under torchrun give --nproc-per-node to "
@@ -113,21 +166,21 @@ def build(
             _load(pipeline, target)  # bad input fails here, once, before any process starts
             argv = ["build", "--target", target]
             for flag, value in (("--pipeline", pipeline), ("--run-dir", run_dir), ("--from", from_stage),
-                                ("--only", only)):
+                                ("--only", only), ("--store-max-size", store_max_size)):
                 if value is not None:
                     argv += [flag, str(value)]
             argv += ["--force"] * force + ["--debug"] * debug
             raise typer.Exit(distributed.launch_local(nproc, argv))
         w = distributed.init_from_env()
         try:
-            _build(w, target, pipeline, run_dir, from_stage, only, force, debug)
+            _build(w, target, pipeline, run_dir, from_stage, only, force, debug, store_max_bytes)
         finally:
             distributed.shutdown()
 
     _guard(body)
 
 
-def _build(w, target, pipeline, run_dir, from_stage, only, force, debug) -> None:
+def _build(w, target, pipeline, run_dir, from_stage, only, force, debug, store_max_bytes: int) -> None:
     """One rank's build (the only one without torchrun). Rank 0 talks, locks the run dir, writes the reports and
     decides the exit code; the other ranks follow the engine's decisions and take part in the training stages."""
     import contextlib
@@ -143,13 +196,15 @@ def _build(w, target, pipeline, run_dir, from_stage, only, force, debug) -> None
         raise EdgekdError("--from and --only cannot be combined")
     cfg, profile = _load(pipeline, target)
     rd = _run_dir(run_dir, cfg, profile)
+    w.on_main(lambda: _prepare_run_dir(rd))
     say(f"edgekd build: pipeline {cfg.name} ({cfg.source}) -> target {profile.name}; run dir {rd}"
         + (f"; training on {w.describe()}" if w.is_distributed else ""))
     t0 = time.perf_counter()
     with contextlib.ExitStack() as held:
         w.on_main(lambda: held.enter_context(RunLock(rd)) and None)
         check_shared_run_dir(w, rd)
-        engine = Engine(all_stages(), cfg, profile, rd, log=say, debug=debug, world=w)
+        engine = Engine(all_stages(), cfg, profile, rd, log=say, debug=debug, world=w,
+                        store_max_bytes=store_max_bytes)
         result = engine.build(from_stage=from_stage, only=only, force=force)
         leave_together(w)  # the other ranks exit here
         report = None
@@ -180,7 +235,8 @@ def status(
     run_dir: Optional[Path] = typer.Option(None, "--run-dir"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ):
-    """Each stage's state: up-to-date, stale (and why), missing, failed, skipped."""
+    """Each stage's state: up-to-date, stored (restored without running on the next build), stale (and why),
+    missing, failed, skipped."""
 
     def body():
         from edgekd.pipeline.engine import Engine
@@ -291,6 +347,67 @@ def _read_report(source: Path) -> dict:
     if not isinstance(data, dict) or data.get("schema") != "edgekd.report/1":
         raise EdgekdError(f"{path}: not an edgekd report (schema edgekd.report/1)")
     return data
+
+
+def _cache_run_dir(run_dir: Optional[Path], pipeline: Optional[Path], target: str) -> Path:
+    """--run-dir, else the pipeline's and target's default run dir; it must hold a stage store."""
+    if run_dir is None:
+        cfg, profile = _load(pipeline, target)
+        run_dir = _run_dir(None, cfg, profile)
+    if not (run_dir / "store").is_dir():
+        raise EdgekdError(f"{run_dir}: no stage store here (run `edgekd build` first)")
+    return run_dir
+
+
+@cache_app.command("list")
+def cache_list(
+    target: str = typer.Option("android-arm64", "--target", "-t"),
+    pipeline: Optional[Path] = typer.Option(None, "--pipeline", "-p"),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir"),
+):
+    """The store's entries: stage, key, size, last used, and whether the run dir's slots use it now."""
+
+    def body():
+        from edgekd.pipeline.engine import slot_keys
+        from edgekd.pipeline.store import StageStore, format_size
+
+        rd = _cache_run_dir(run_dir, pipeline, target)
+        store, current = StageStore(rd / "store"), slot_keys(rd)
+        for e in sorted(store.entries(), key=lambda e: (e.stage, -e.last_used)):
+            used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))
+            _say(f"  {e.stage:16s} {e.key[:12]}  {format_size(e.size):>9s}  {used}"
+                 + ("  current" if (e.stage, e.key) in current else ""))
+        _say(f"store {rd / 'store'}: {format_size(store.size())}")
+
+    _guard(body)
+
+
+@cache_app.command("prune")
+def cache_prune(
+    target: str = typer.Option("android-arm64", "--target", "-t"),
+    pipeline: Optional[Path] = typer.Option(None, "--pipeline", "-p"),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir"),
+    max_size: str = typer.Option("0", "--max-size", help="keep at most this much (500M, 2G); default 0: only the "
+                                                         "entries the run dir uses now"),
+):
+    """Evict store entries, least recently used first, down to --max-size. The current outputs always stay."""
+
+    def body():
+        from edgekd.pipeline.engine import slot_keys
+        from edgekd.pipeline.store import RunLock, StageStore, format_size, parse_size
+
+        try:
+            limit = parse_size(max_size)
+        except ValueError:
+            raise EdgekdError(f"--max-size {max_size!r}: not a size (bytes, or with K, M, G, T: 500M, 2G)") from None
+        rd = _cache_run_dir(run_dir, pipeline, target)
+        with RunLock(rd):  # not while a build uses the store
+            store = StageStore(rd / "store")
+            removed = store.prune(limit, keep=slot_keys(rd))
+            _say(f"removed {len(removed)} entries ({format_size(sum(e.size for e in removed))}); "
+                 f"store {rd / 'store'} now {format_size(store.size())}")
+
+    _guard(body)
 
 
 @devices_app.callback()

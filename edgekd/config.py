@@ -7,10 +7,12 @@ impossible values (negative temperature, alpha outside [0, 1], ...) are refused 
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +23,9 @@ import yaml
 
 from edgekd.errors import ConfigError
 
+# The folder of the pipeline file being parsed: model sections remember it (ModelConfig.base_dir).
+_PIPELINE_DIR: contextvars.ContextVar[str] = contextvars.ContextVar("edgekd_pipeline_dir", default="")
+
 
 @dataclass
 class DataConfig:
@@ -29,21 +34,85 @@ class DataConfig:
     val_fraction: float = 0.1  # carved from the training split with a fixed seed
     test_fraction: float = 0.2  # only for datasets without their own test split (digits, npz without x_test, folders)
     train_limit: Optional[int] = None  # use only the first N training samples (after the fixed shuffle)
-    image_size: Optional[list[int]] = None  # [H, W] for image folders (resized); None -> as stored
+    # [H, W]: every image is resized to it when the dataset is read (image folders: at decode time, bilinear);
+    # None -> as stored (an image folder then needs one size throughout)
+    image_size: Optional[list[int]] = None
+    # 1 (grayscale), 3 (RGB) or 4 (RGBA): image folders convert each image to it at decode time, other datasets
+    # repeat a single channel (e.g. 3 for a teacher that takes RGB). None -> as stored (an image folder: 1 when
+    # every image is grayscale, else RGB)
+    channels: Optional[int] = None
+    # class names, one per line in class-index order, for datasets without their own (npz, idx);
+    # image folders take theirs from the sub-folder names
+    labels_file: Optional[str] = None
 
     def validate(self, where: str) -> None:
         _check(0.0 < self.val_fraction < 0.5, where, "val_fraction", "must be in (0, 0.5)")
         _check(0.0 < self.test_fraction < 0.5, where, "test_fraction", "must be in (0, 0.5)")
         _check(self.train_limit is None or self.train_limit > 0, where, "train_limit", "must be positive")
+        _check(self.image_size is None or (len(self.image_size) == 2 and all(v >= 1 for v in self.image_size)),
+               where, "image_size", "must be [height, width] with both >= 1")
+        _check(self.channels is None or self.channels in (1, 3, 4), where, "channels", "must be 1, 3 or 4")
+        _check(self.labels_file is None or self.dataset != "image-folder", where, "labels_file",
+               "an image folder's class names are its sub-folder names; remove labels_file")
+
+    def known_channels(self) -> Optional[int]:
+        """The images' channel count when the config alone fixes it (None: known once the data is read)."""
+        if self.channels is not None:
+            return self.channels
+        return 1 if self.dataset in ("fashion-mnist", "mnist", "digits") else None
 
 
 @dataclass
 class Normalization:
-    mean: float = 0.0
-    std: float = 1.0
+    """(x - mean) / std on [0, 1] pixels, baked into the model's first layer. A number applies to every channel;
+    a list gives one value per channel (RGB order for colour images)."""
+
+    mean: float | list[float] = 0.0
+    std: float | list[float] = 1.0
 
     def validate(self, where: str) -> None:
-        _check(self.std > 0, where, "std", "must be > 0")
+        for key in ("mean", "std"):
+            _check(len(self.values(key)) > 0, where, key, "give a number or a non-empty list (one value per channel)")
+        _check(all(v > 0 for v in self.values("std")), where, "std", "must be > 0")
+
+    def values(self, key: str) -> list[float]:
+        """mean or std as a list: one value per channel, or a single value for every channel."""
+        v = getattr(self, key)
+        return [float(x) for x in v] if isinstance(v, list) else [float(v)]
+
+    def check_channels(self, channels: int, where: str) -> None:
+        """A per-channel list must have one value per image channel (a single value applies to all)."""
+        for key in ("mean", "std"):
+            n = len(self.values(key))
+            _check(n in (1, channels), where, key,
+                   f"{n} values for {channels}-channel images; give one value, or one per channel")
+
+
+@dataclass
+class RandomResizedCrop:
+    """A random crop of `scale` of the image area with aspect ratio (width / height) in `ratio`, resized back to
+    the image size."""
+
+    scale: list[float] = field(default_factory=lambda: [0.6, 1.0])
+    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+
+    def validate(self, where: str) -> None:
+        _check(len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 1, where, "scale",
+               "must be [min, max] with 0 < min <= max <= 1 (fractions of the image area)")
+        _check(len(self.ratio) == 2 and 0 < self.ratio[0] <= self.ratio[1], where, "ratio",
+               "must be [min, max] with 0 < min <= max (width / height)")
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation, applied per batch on tensors in the training loop, seeded from the pipeline seed.
+    With it on, cached teacher outputs are not used: the teacher sees every augmented batch."""
+
+    random_resized_crop: Optional[RandomResizedCrop] = None
+    horizontal_flip: bool = False  # each image mirrored left-right with probability 1/2
+
+    def active(self) -> bool:
+        return self.random_resized_crop is not None or self.horizontal_flip
 
 
 @dataclass
@@ -54,6 +123,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     lr_schedule: Literal["constant", "cosine"] = "cosine"
+    # e.g. {random_resized_crop: {scale: [0.6, 1.0]}, horizontal_flip: true}; None -> none (the default)
+    augment: Optional[AugmentConfig] = None
 
     def validate(self, where: str) -> None:
         _check(self.epochs >= 1, where, "epochs", "must be >= 1")
@@ -67,16 +138,22 @@ class ModelConfig:
     arch: str = "cnn-small"
     args: dict = field(default_factory=dict)  # keyword arguments of the architecture builder
     normalize: Normalization = field(default_factory=Normalization)  # baked into the model's first layer
+    # The pipeline file's folder: relative model files (arch FILE.py:NAME, exported, onnx) resolve against it.
+    base_dir: str = field(default="", compare=False, metadata={"internal": True})
+
+    def __post_init__(self) -> None:
+        self.base_dir = self.base_dir or _PIPELINE_DIR.get()
 
     def validate(self, where: str) -> None:
-        from edgekd.models.zoo import ARCHITECTURES
-
-        if self.arch not in ARCHITECTURES:
-            raise ConfigError(f"{where}.arch: unknown architecture {self.arch!r}{_suggest(self.arch, ARCHITECTURES)}; "
-                              f"choose one of {', '.join(sorted(ARCHITECTURES))}")
+        # Syntax and built-in args here; files, modules and libraries by _check_model_sources (PipelineConfig).
+        from edgekd.models.sources import source_of
         from edgekd.models.zoo import check_args
 
-        problem = check_args(self.arch, self.args)
+        try:
+            src = source_of(self)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}.arch: {exc}") from None
+        problem = check_args(self.arch, self.args) if src.kind == "builtin" else None
         if problem:
             raise ConfigError(f"{where}.args: {problem}")
 
@@ -92,8 +169,16 @@ class TeacherConfig(ModelConfig):
     input_size: Optional[list[int]] = None
     name: Optional[str] = None  # with `teachers:`, the teacher's name in the report and in feature paths NAME/PATH
     weight: float = 1.0  # with `teachers:`, its weight in the averaged soft targets (normalized over teachers)
+    # A complete teacher from a file instead of arch + checkpoint/train: a torch.export program (torch.export.save),
+    # or an ONNX model run in onnxruntime (logit KD only: it exposes no intermediate features).
+    exported: Optional[str] = None
+    onnx: Optional[str] = None
 
     def validate(self, where: str) -> None:
+        given = [k for k in ("checkpoint", "train", "exported", "onnx") if getattr(self, k) is not None]
+        if len(given) > 1 and ("exported" in given or "onnx" in given):
+            raise ConfigError(f"{where}: give one of 'checkpoint', 'train', 'exported' or 'onnx', not "
+                              f"{' and '.join(repr(k) for k in given)}")
         super().validate(where)
         _check(self.input_size is None or (len(self.input_size) == 2 and all(v >= 1 for v in self.input_size)),
                where, "input_size", "must be [height, width] with both >= 1")
@@ -185,7 +270,8 @@ class DistillConfig(TrainConfig):
     temperature: float = 4.0
     temperature_schedule: Literal["constant", "linear", "cosine"] = "constant"
     temperature_end: Optional[float] = None  # final temperature for linear/cosine decay
-    cache_teacher_outputs: bool = True  # inputs are not augmented, so teacher logits are computed once
+    # teacher logits computed once upstream and reused; ignored (the log says so) when `augment` is on
+    cache_teacher_outputs: bool = True
     # which teacher signals the student learns from, with weights; default: logit KD only
     methods: MethodsConfig = field(default_factory=lambda: MethodsConfig(kd=KDMethod()))
 
@@ -249,6 +335,15 @@ class TFLiteConfig:
 @dataclass
 class EvaluateConfig:
     batch_size: int = 256
+    # With a profile that names emulate_cpus: every artifact's accuracy comes from the aarch64 runtimes under
+    # emulation (the target's arithmetic); false keeps the host's figure, labelled as host arithmetic.
+    emulate: bool = True
+    # Cap on the test images run under emulation (a fixed seeded subset, written in the report); None: all of them
+    target_samples: Optional[int] = None
+
+    def validate(self, where: str) -> None:
+        _check(self.batch_size >= 1, where, "batch_size", "must be >= 1")
+        _check(self.target_samples is None or self.target_samples >= 1, where, "target_samples", "must be >= 1")
 
 
 def _recovery_defaults(**kw):
@@ -306,6 +401,8 @@ class BenchmarkConfig:
     runs: int = 200
     batch_size: int = 1
     include_teacher: bool = True
+    # per-inference aarch64 instruction counts on each CPU the target profile emulates (stage arm_instructions)
+    arm_instructions: bool = True
 
     def validate(self, where: str) -> None:
         _check(self.runs >= 5, where, "runs", "must be >= 5 (percentiles need samples)")
@@ -329,20 +426,31 @@ class Limits:
     max_params_ratio_vs_teacher: Optional[float] = None
     # share of the graph's nodes placed on the target's accelerator (execution-provider placement report)
     min_accelerator_node_fraction: Optional[float] = None
+    # emulated aarch64 instructions per inference (batch 1), on each CPU the target profile emulates; and the same
+    # relative to the teacher's fp32 ONNX on that CPU. Deterministic: a regression check that is not timing noise.
+    max_arm_instructions: Optional[int] = None
+    max_arm_instructions_ratio_vs_teacher: Optional[float] = None
 
     def validate(self, where: str) -> None:
-        for name in ("min_accuracy", "min_accelerator_node_fraction"):
-            value = getattr(self, name)
-            _check(value is None or 0.0 <= value <= 1.0, where, name, "must be in [0, 1]")
-        for name in ("max_latency_p50_ms", "max_latency_p90_ms", "max_size_bytes", "max_peak_rss_bytes",
-                     "max_latency_ratio_vs_teacher", "max_params_ratio_vs_teacher"):
-            value = getattr(self, name)
-            _check(value is None or value > 0, where, name, "must be > 0")
+        # Every numeric limit, including ones added later: fractions of 1 in [0, 1], every other min_/max_ > 0
+        # (a latency, size, count or ratio of 0 or less can never be met).
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not _is_number(value):
+                continue
+            if f.name in _FRACTION_LIMITS:
+                _check(0.0 <= value <= 1.0, where, f.name, "must be in [0, 1] (a fraction: 0.015 = 1.5 points)")
+            elif f.name.startswith(("max_", "min_")):
+                _check(value > 0, where, f.name, "must be > 0")
 
     def overridden_by(self, other: "Limits") -> "Limits":
         """These limits with every limit `other` sets replacing ours."""
         return Limits(**{f.name: getattr(other, f.name) if getattr(other, f.name) is not None else getattr(self, f.name)
                          for f in dataclasses.fields(Limits)})
+
+
+_FRACTION_LIMITS = frozenset({"max_accuracy_drop", "max_relative_accuracy_drop", "min_accuracy",
+                              "min_accelerator_node_fraction"})
 
 
 @dataclass
@@ -360,6 +468,8 @@ class RegressionConfig:
             value = getattr(self, f.name)
             if f.name.startswith("max_"):
                 _check(value is None or value >= 0, where, f.name, "must be >= 0")
+        _check(self.max_accuracy_decrease is None or self.max_accuracy_decrease <= 1, where, "max_accuracy_decrease",
+               "must be at most 1 (a fraction: 0.005 = half a point)")
 
 
 @dataclass
@@ -372,6 +482,11 @@ class BudgetConfig(Limits):
     required_artifacts: list[str] = field(default_factory=lambda: [
         "student_fp32.onnx", "student_int8.onnx", "student_fp32.tflite", "student_int8.tflite"])
     regression: RegressionConfig = field(default_factory=RegressionConfig)
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        _check(self.artifacts is None or len(self.artifacts) > 0, where, "artifacts",
+               "an empty list checks nothing; name at least one artifact, or leave it out for all")
 
     def limits_for(self, artifact: str) -> Optional[Limits]:
         """The limits that apply to `artifact`, or None when the budget does not cover it."""
@@ -408,11 +523,15 @@ class PipelineConfig:
             if self.teacher != TeacherConfig():
                 raise ConfigError(f"{where}: give either 'teacher' (one) or 'teachers' (several), not both")
         for key, t in zip(self.teacher_keys(), self.teacher_list()):
-            if t.checkpoint is None and t.train is None:
-                raise ConfigError(f"{where}: {key}: give either 'checkpoint' (a state dict) or 'train' (train one here)")
+            if t.checkpoint is None and t.train is None and t.exported is None and t.onnx is None:
+                raise ConfigError(f"{where}: {key}: give either 'checkpoint' (a state dict) or 'train' (train one here), "
+                                  f"or a saved teacher: 'exported' (torch.export) or 'onnx'")
         names = self.teacher_names()
         if len(set(names)) != len(names):
             raise ConfigError(f"{where}: teachers: names must be unique, got {names}")
+        if self.data.known_channels() is not None:  # else the data stage checks once it has read the images
+            check_normalize_channels(self, self.data.known_channels(), where)
+        _check_model_sources(self, where)
         _check_method_paths(self, where)
 
     def teacher_list(self) -> list[TeacherConfig]:
@@ -432,6 +551,51 @@ class PipelineConfig:
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(to_plain(self), sort_keys=True).encode()).hexdigest()
+
+
+def check_normalize_channels(cfg: PipelineConfig, channels: int, where: str) -> None:
+    """Every model's `normalize` has one value per image channel, or a single value (ConfigError naming the key)."""
+    sections = list(zip(cfg.teacher_keys(), cfg.teacher_list())) + [("student", cfg.student)]
+    if cfg.assistant is not None:
+        sections.append(("assistant", cfg.assistant))
+    for key, mcfg in sections:
+        mcfg.normalize.check_channels(channels, f"{where}: {key}.normalize")
+
+
+def _model_sections(cfg: PipelineConfig) -> list[tuple[str, ModelConfig]]:
+    sections = list(zip(cfg.teacher_keys(), cfg.teacher_list())) + [("student", cfg.student)]
+    return sections + ([("assistant", cfg.assistant)] if cfg.assistant is not None else [])
+
+
+def _check_model_sources(cfg: PipelineConfig, where: str) -> None:
+    """Each model's source is there (file, module, function, library) and takes its `args`; an ONNX teacher is used
+    only where logits suffice."""
+    from edgekd.models.sources import check_source
+
+    for key, mcfg in _model_sections(cfg):
+        try:
+            check_source(mcfg)
+        except ConfigError as exc:
+            field_ = "exported" if getattr(mcfg, "exported", None) else "onnx" if getattr(mcfg, "onnx", None) else "arch"
+            raise ConfigError(f"{where}: {key}.{field_}: {exc}") from None
+    onnx_keys = [key for key, t in zip(cfg.teacher_keys(), cfg.teacher_list()) if t.onnx]
+    if not onnx_keys:
+        return
+    if len(cfg.teacher_list()) > 1:
+        raise ConfigError(f"{where}: {onnx_keys[0]}.onnx: an ONNX teacher cannot be part of a teachers: ensemble "
+                          f"(the ensemble is exported as one PyTorch graph)")
+    if cfg.teacher_list()[0].input_size:
+        raise ConfigError(f"{where}: {onnx_keys[0]}.input_size: an ONNX teacher takes the dataset's image size; "
+                          f"export it for that size instead")
+    # The assistant, when there is one, learns from the ONNX teacher; the student then learns from the assistant.
+    dcfg, dkey = ((cfg.assistant.distill or cfg.distill, "assistant.distill" if cfg.assistant.distill else "distill")
+                  if cfg.assistant is not None else (cfg.distill, "distill"))
+    m = dcfg.methods
+    needs = [n for n, on in (("feature", m.feature), ("attention", m.attention),
+                             ("rkd", m.rkd and (m.rkd.pair or m.rkd.embedding != "logits"))) if on]
+    if needs:
+        raise ConfigError(f"{where}: {dkey}.methods.{needs[0]}: needs the teacher's intermediate features, which an "
+                          f"ONNX teacher ({onnx_keys[0]}.onnx) does not expose; use kd, or rkd with embedding: logits")
 
 
 def _check_method_paths(cfg: PipelineConfig, where: str) -> None:
@@ -467,23 +631,54 @@ def _check_method_paths(cfg: PipelineConfig, where: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- loading
 
+# A pipeline's name names its run directory runs/<name>-<target>: no path separators, no "..", no leading dot.
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+PLAIN_NAME_RULE = "use 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+
 def load_pipeline(path: str | Path) -> PipelineConfig:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, not a pipeline YAML file")
     if not path.is_file():
         raise ConfigError(f"pipeline file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(_yaml_text(path))
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" (line {mark.line + 1})" if mark else ""
         raise ConfigError(f"{path}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
     if raw is None:
         raw = {}
-    cfg = parse_section(PipelineConfig, raw, str(path), prefix="")
+    token = _PIPELINE_DIR.set(str(path.resolve().parent))
+    try:
+        cfg = parse_section(PipelineConfig, raw, str(path), prefix="")
+    finally:
+        _PIPELINE_DIR.reset(token)
     cfg.source = str(path)
     if not raw.get("name"):
         cfg.name = path.stem
+    if not PLAIN_NAME.fullmatch(cfg.name):
+        origin = "name" if raw.get("name") else "name (from the file name; set `name:`)"
+        raise ConfigError(f"{path}: {origin} {cfg.name!r}: {PLAIN_NAME_RULE}; it names the run directory "
+                          f"runs/<name>-<target>")
     return cfg
+
+
+def _yaml_text(path: Path) -> str:
+    """The file's text, or one line saying it is not a YAML text file (binary, not UTF-8) or cannot be read."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if b"\0" in data:
+        raise ConfigError(f"{path}: not a YAML text file (it holds binary data)")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a YAML text file (not UTF-8 at byte {exc.start})") from None
 
 
 def parse_section(cls: type, raw: Any, file: str, prefix: str):
@@ -512,7 +707,13 @@ def _coerce(tp: Any, value: Any, file: str, key: str):
         if value is None and type(None) in args:
             return None
         non_none = [a for a in args if a is not type(None)]
-        return _coerce(non_none[0], value, file, key)
+        errors = []
+        for alt in non_none:  # e.g. `float | list[float]`: the first alternative that takes the value
+            try:
+                return _coerce(alt, value, file, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{file}: {key}: {value!r} is not one of {', '.join(map(repr, args))}"
@@ -535,6 +736,8 @@ def _coerce(tp: Any, value: Any, file: str, key: str):
             raise ConfigError(f"{file}: {key}: expected a number, got {_type_name(value)} {value!r}")
         if value != value:
             raise ConfigError(f"{file}: {key}: NaN is not allowed")
+        if value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{file}: {key}: an infinite value is not allowed (leave the key out for no limit)")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

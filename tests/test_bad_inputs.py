@@ -1,8 +1,10 @@
 """Bad input, faults and untrusted files through the real CLI: exit 2, one clear line, no traceback,
 and nothing already built in the run directory is touched."""
 
+import dataclasses
 import hashlib
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -13,6 +15,7 @@ import pytest
 import torch
 
 from conftest import DIGITS, REPO, read_report, run_cli, stage_statuses, write_pipeline
+from edgekd.config import BudgetConfig, ConfigError, load_pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -101,7 +104,66 @@ CASES = [
     # --- training
     ("diverging-loss", lambda t: ["-p", _digits_cfg(t, teacher={"train": {"epochs": 2, "lr": 1e12, "optimizer": "sgd"}})],
      "loss became"),
+    # --- files that are not YAML text (issue 15)
+    ("pipeline-random-bytes", lambda t: ["-p", _bytes(t / "random.yaml", random.Random(15).randbytes(4096))],
+     "not a YAML text file"),
+    ("pipeline-utf16", lambda t: ["-p", _bytes(t / "utf16.yaml", DIGITS.read_text().encode("utf-16"))],
+     "not a YAML text file (it holds binary data)"),
+    ("pipeline-latin1", lambda t: ["-p", _bytes(t / "latin1.yaml", "name: d\xefgits\n".encode("latin-1"))],
+     "not a YAML text file (not UTF-8 at byte 7)"),
+    ("pipeline-is-a-directory", lambda t: ["-p", t], "is a directory, not a pipeline YAML file"),
+    ("pipeline-nested-too-deeply", lambda t: ["-p", _write(t / "deep.yaml", "[" * 100_000)], "nested too deeply"),
+    ("target-random-bytes", lambda t: ["-p", DIGITS, "--target", _bytes(t / "dev.yaml", b"\xff\xfe\x00\x01" * 64)],
+     "not a YAML text file"),
+    # --- pipeline names that would put runs/<name>-<target> elsewhere (issue 15); refused with --run-dir too
+    ("name-with-parent-dirs", lambda t: ["-p", _named(t, "../../../somewhere/else")], "name '../../../somewhere/else'"),
+    ("name-absolute", lambda t: ["-p", _named(t, "/tmp/elsewhere")], "use 1-100 letters, digits"),
+    ("name-dot-dot", lambda t: ["-p", _named(t, "..")], "name '..'"),
+    ("name-hidden", lambda t: ["-p", _named(t, ".hidden")], "starting with a letter or digit"),
+    ("name-too-long", lambda t: ["-p", _named(t, "x" * 101)], "use 1-100 letters"),
+    ("name-from-file-name", lambda t: ["-p", _write(t / "my pipeline.yaml", "\n".join(
+        ln for ln in DIGITS.read_text().splitlines() if not ln.startswith("name:")))],
+     "name (from the file name; set `name:`) 'my pipeline'"),
+    # --- limits that make no sense (issue 15; every numeric limit in test_every_budget_limit_has_a_range)
+    ("negative-max-accuracy-drop", lambda t: ["-p", _digits_cfg(t, budget={"max_accuracy_drop": -0.01})],
+     "budget.max_accuracy_drop: must be in [0, 1]"),
+    ("per-artifact-zero-latency", lambda t: ["-p", _digits_cfg(t, budget={
+        "per_artifact": {"student_int8.tflite": {"max_latency_p50_ms": 0}}})],
+     "budget.per_artifact.student_int8.tflite.max_latency_p50_ms: must be > 0"),
+    ("infinite-limit", lambda t: ["-p", _digits_cfg(t, budget={"max_latency_p90_ms": float("inf")})],
+     "budget.max_latency_p90_ms: an infinite value is not allowed"),
+    ("empty-budget-artifacts", lambda t: ["-p", _digits_cfg(t, budget={"artifacts": []})],
+     "budget.artifacts: an empty list checks nothing"),
+    ("regression-decrease-above-1", lambda t: ["-p", _digits_cfg(t, budget={"regression": {"max_accuracy_decrease": 5}})],
+     "budget.regression.max_accuracy_decrease: must be at most 1"),
+    # --- a teacher whose weights or outputs are not finite: refused at the teacher stage, the good one is kept
+    ("teacher-nan-weights", lambda t: ["-p", _digits_cfg(t, teacher={
+        "checkpoint": str(_teacher_ckpt_scaled(t, float("nan"))), "train": None})],
+     "stage teacher: teacher: checkpoint"),
+    ("teacher-inf-weights", lambda t: ["-p", _digits_cfg(t, teacher={
+        "checkpoint": str(_teacher_ckpt_scaled(t, float("inf"))), "train": None})],
+     "has NaN or infinite values in"),
+    ("teacher-overflowing-outputs", lambda t: ["-p", _digits_cfg(t, teacher={
+        "checkpoint": str(_teacher_ckpt_scaled(t, 1e30)), "train": None})],
+     "stage teacher: teacher: its outputs are NaN or infinite"),
 ]
+
+
+def _bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _named(tmp: Path, name: str) -> Path:
+    return write_pipeline(tmp / "named.yaml", name=name)
+
+
+def _teacher_ckpt_scaled(tmp: Path, factor: float) -> Path:
+    """A state dict of the digits teacher's architecture with every weight multiplied by `factor` (nan, inf, 1e30)."""
+    state = torch.load(_teacher_ckpt(tmp), weights_only=True)
+    path = tmp / f"teacher_x{factor}.pt"
+    torch.save({k: v * factor if v.is_floating_point() else v for k, v in state.items()}, path)
+    return path
 
 
 def _write(path: Path, text: str) -> Path:
@@ -193,9 +255,12 @@ def test_only_without_inputs_and_gate_without_report(tmp_path):
 
 
 def test_converter_failure_keeps_other_artifacts_and_marks_missing(digits_copy, tmp_path):
-    """A GELU student: ONNX export, PTQ and the fp32 TFLite work, TFLite int8 cannot convert Erf. The failing stage
-    is named with the op and the artifact, everything else (the fp32 TFLite too) is built, evaluated and kept, the
-    report marks what is missing, exit 2."""
+    """A GELU student: ONNX export and PTQ work; TFLite cannot take its Erf. The TFLite stage that fails is named with
+    the artifact and the op, everything else is built, evaluated and kept, the report marks what is missing, exit 2.
+    A TFLite file that loads only where TensorFlow's Select ops are linked in (onnx2tf writes FlexErf for the erf of
+    torch 2.14's GELU export) is such a failure, found at build time: no artifact is kept that a device cannot load."""
+    from edgekd.runtimes.tflite_runner import check_loads_without_tensorflow
+
     pipeline = write_pipeline(tmp_path / "gelu.yaml", name="digits", distill={"epochs": 3},
                               student={"arch": "cnn", "args": {"channels": [8, 16], "hidden": 32,
                                                                "activation": "gelu"}})
@@ -203,13 +268,23 @@ def test_converter_failure_keeps_other_artifacts_and_marks_missing(digits_copy, 
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     err = proc.stderr.strip().splitlines()[-1]
-    assert "stage quantize_tflite" in err and "student_int8.tflite" in err and "Erf" in err
+    assert ("stage export_tflite" in err and "student_fp32.tflite" in err or
+            "stage quantize_tflite" in err and "student_int8.tflite" in err) and "Erf" in err, err
     r = read_report(digits_copy)
-    assert stage_statuses(r)["quantize_tflite"] == "failed" and stage_statuses(r)["export_tflite"] == "ran"
-    assert {a["name"] for a in r["artifacts"]} == {"student_fp32.onnx", "student_int8.onnx", "student_fp32.tflite"}
-    assert set(r["missing_artifacts"]) == {"student_int8.tflite"}
+    statuses = stage_statuses(r)
+    assert statuses["report"] == "ran" and statuses["evaluate"] == "ran" and statuses["benchmark"] == "ran"
+    failed = "export_tflite" if "stage export_tflite" in err else "quantize_tflite"
+    assert statuses[failed] == "failed"
+    names = {a["name"] for a in r["artifacts"]}
+    assert {"student_fp32.onnx", "student_int8.onnx"} <= names and "student_int8.tflite" not in names
+    assert "student_int8.tflite" in r["missing_artifacts"]
+    assert set(r["missing_artifacts"]) | names == {"student_fp32.onnx", "student_int8.onnx", "student_fp32.tflite",
+                                                   "student_int8.tflite"}
     assert r["gate"]["passed"] is False  # never passes with a required artifact missing
     assert all((digits_copy / a["path"]).is_file() for a in r["artifacts"])
+    for a in r["artifacts"]:
+        if a["format"] == "tflite":
+            check_loads_without_tensorflow(digits_copy / a["path"], "test")
 
 
 _BLOCK_SOCKETS = """
@@ -245,3 +320,104 @@ def test_build_without_network(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert {a["name"] for a in read_report(run_dir)["artifacts"]} == {
         "student_fp32.onnx", "student_int8.onnx", "student_fp32.tflite", "student_int8.tflite"}
+
+
+# ---------------------------------------------------------------------------------------------- issue 15
+
+def _limit_cases():
+    """(field, bad value) for every numeric limit of the budget, including fields added later: fractions get a
+    negative value and one above 1, every other min_/max_ limit 0 and a negative value."""
+    import typing
+
+    from edgekd.config import _FRACTION_LIMITS
+
+    hints = typing.get_type_hints(BudgetConfig)
+    for f in dataclasses.fields(BudgetConfig):
+        kind = typing.get_args(hints[f.name])[0] if typing.get_args(hints[f.name]) else hints[f.name]
+        if kind not in (int, float) or not f.name.startswith(("max_", "min_")):
+            continue
+        bad = (-0.01, 1.5) if f.name in _FRACTION_LIMITS else (0, -1)
+        for value in bad:
+            yield f.name, kind(value)
+
+
+@pytest.mark.parametrize("name, value", list(_limit_cases()))
+def test_every_budget_limit_has_a_range(name, value, tmp_path):
+    from edgekd.config import Limits
+
+    per_artifact = [{"per_artifact": {"student_int8.onnx": {name: value}}}] if name in Limits.__dataclass_fields__ else []
+    for where in ({name: value}, *per_artifact):
+        path = write_pipeline(tmp_path / "limit.yaml", budget=where)
+        with pytest.raises(ConfigError, match=rf"budget\.(per_artifact\.student_int8\.onnx\.)?{name}: must be"):
+            load_pipeline(path)
+
+
+def test_budget_limit_cases_cover_the_known_limits():
+    names = {name for name, _ in _limit_cases()}
+    assert {"max_accuracy_drop", "max_relative_accuracy_drop", "min_accuracy", "max_latency_p50_ms",
+            "max_size_bytes", "max_peak_rss_bytes", "min_accelerator_node_fraction"} <= names
+
+
+def _unusable_run_dir(kind: str, tmp: Path) -> Path:
+    plain = tmp / "plain-file"
+    plain.write_text("keep me")
+    if kind == "regular-file":
+        return plain
+    if kind == "symlink-to-file":
+        (tmp / "link").symlink_to(plain)
+        return tmp / "link"
+    if kind == "dangling-symlink":
+        (tmp / "dangling").symlink_to(tmp / "nowhere")
+        return tmp / "dangling"
+    if kind == "under-a-file":
+        return plain / "run"
+    if kind == "virtual-file-system":
+        return Path("/proc/edgekd-run")
+    if kind == "read-only-file-system":
+        ro = tmp / "ro"
+        ro.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], check=True)
+        return ro / "run"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind, needle", [
+    ("regular-file", "exists and is not a directory"),
+    ("symlink-to-file", "exists and is not a directory"),
+    ("dangling-symlink", "a symbolic link to nothing"),
+    ("under-a-file", "cannot be used as a run directory (Not a directory)"),
+    ("virtual-file-system", "cannot be used as a run directory (No such file or directory)"),
+    ("read-only-file-system", "cannot be used as a run directory (Read-only file system)"),
+])
+def test_a_run_dir_that_cannot_be_one_is_refused(kind, needle, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    run_dir = _unusable_run_dir(kind, work)
+    before = sorted(p.relative_to(work).as_posix() for p in work.rglob("*"))
+    try:
+        proc = run_cli("build", "-p", DIGITS, "--run-dir", run_dir)
+        _assert_clean_failure(proc, needle)
+        assert sorted(p.relative_to(work).as_posix() for p in work.rglob("*")) == before  # nothing created
+        assert (work / "plain-file").read_text() == "keep me"
+        assert not Path("/proc/edgekd-run").exists()
+    finally:
+        if kind == "read-only-file-system":
+            subprocess.run(["umount", "-l", str(work / "ro")], check=False)
+
+
+def test_a_name_or_target_cannot_move_the_default_run_dir_out_of_runs(tmp_path):
+    """No --run-dir: the default runs/<name>-<target> is a plain name inside runs/ or the build is refused; nothing
+    is created, in runs/ or anywhere else."""
+    work = tmp_path / "deep" / "er" / "work"
+    work.mkdir(parents=True)
+    escape = write_pipeline(tmp_path / "escape.yaml", name="../../../somewhere/else")
+    proc = run_cli("build", "-p", escape, cwd=work)
+    _assert_clean_failure(proc, "name '../../../somewhere/else': use 1-100 letters, digits, '.', '_' or '-'")
+    evil_target = tmp_path / "evil-target.yaml"
+    profile = (REPO / "devices" / "android-arm64.yaml").read_text()
+    evil_target.write_text("\n".join(ln for ln in profile.splitlines() if not ln.startswith("name:"))
+                           + "\nname: ../../../target-escape\n")
+    proc = run_cli("build", "-p", DIGITS, "--target", evil_target, cwd=work)
+    _assert_clean_failure(proc, "target name '../../../target-escape'")
+    created = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
+    assert created == ["deep", "deep/er", "deep/er/work", "escape.yaml", "evil-target.yaml"], created

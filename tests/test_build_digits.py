@@ -14,7 +14,7 @@ from conftest import DIGITS, build_until_checkpoint, read_report, run_cli, stage
 pytestmark = pytest.mark.slow
 
 ALL_STAGES = ["data", "teacher", "distill", "export_onnx", "quantize", "export_tflite", "quantize_tflite", "evaluate",
-              "benchmark", "gate", "report"]
+              "benchmark", "arm_instructions", "gate", "report"]
 ARTIFACTS = {"student_fp32.onnx", "student_int8.onnx", "student_fp32.tflite", "student_int8.tflite"}
 
 
@@ -58,7 +58,7 @@ def test_every_artifact_loads_and_matches_in_its_runtime(digits_run):
     student = model_from_config(cfg.student, splits.input_shape, splits.num_classes)
     student.load_state_dict(torch.load(digits_run / "stages/distill/student.pt", weights_only=True))
     with torch.no_grad():
-        ref = student.eval()(torch.from_numpy(splits.x_test)).numpy()
+        ref = student.eval()(torch.from_numpy(splits.x_test[:])).numpy()
     stages = digits_run / "stages"
     for path, runner in ((stages / "export_onnx/student_fp32.onnx", OrtRunner),
                          (stages / "export_tflite/student_fp32.tflite", TFLiteRunner)):
@@ -88,10 +88,12 @@ def test_second_build_is_fully_cached_and_fast(digits_copy):
 
 @pytest.mark.parametrize("change, expected", [
     ({"budget": {"max_accuracy_drop": 0.06}}, {"gate", "report"}),
-    ({"quantize": {"calibration_samples": 200}}, {"quantize", "evaluate", "benchmark", "gate", "report"}),
+    ({"quantize": {"calibration_samples": 200}}, {"quantize", "evaluate", "benchmark", "arm_instructions", "gate",
+                                                  "report"}),
     ({"distill": {"temperature": 3.0}}, set(ALL_STAGES) - {"data", "teacher"}),
     # int8 TFLite calibration: only the int8 TFLite is rebuilt, not the onnx2tf conversion
-    ({"tflite": {"calibration_samples": 100}}, {"quantize_tflite", "evaluate", "benchmark", "gate", "report"}),
+    ({"tflite": {"calibration_samples": 100}}, {"quantize_tflite", "evaluate", "benchmark", "arm_instructions",
+                                                "gate", "report"}),
 ])
 def test_a_change_reruns_exactly_what_depends_on_it(digits_copy, tmp_path, change, expected):
     pipeline = write_pipeline(tmp_path / "changed.yaml", name="digits", **change)
@@ -106,7 +108,7 @@ def test_a_change_reruns_exactly_what_depends_on_it(digits_copy, tmp_path, chang
 
 def test_impossible_budget_fails_the_gate_with_exit_1(digits_copy, tmp_path):
     pipeline = write_pipeline(tmp_path / "tight.yaml", name="digits",
-                              budget={"max_accuracy_drop": -0.5, "max_latency_p50_ms": 1e-6, "max_size_bytes": 10})
+                              budget={"max_accuracy_drop": 0.0, "max_latency_p50_ms": 1e-6, "max_size_bytes": 10})
     proc = run_cli("build", "--pipeline", pipeline, "--run-dir", digits_copy)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "gate failed" in proc.stderr and "Traceback" not in proc.stderr

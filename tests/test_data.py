@@ -30,7 +30,10 @@ def test_idx_reader_and_split(tmp_path):
     folder = _idx_folder(tmp_path)
     s = load_splits(DataConfig(dataset="mnist", path=str(folder), val_fraction=0.25), seed=0)
     assert s.x_train.shape == (90, 1, 28, 28) and s.x_val.shape == (30, 1, 28, 28) and s.x_test.shape[0] == 40
-    assert s.x_train.dtype == np.float32 and 0.0 <= s.x_train.min() and s.x_train.max() <= 1.0
+    # stored as the file's uint8, read as float32 in [0, 1] a batch at a time
+    assert s.x_train.storage_dtype == np.uint8 and s.x_train[:5].dtype == np.float32
+    assert np.array_equal(s.x_train[:5], s.x_train.data[:5].astype(np.float32) / 255)
+    assert 0.0 <= s.x_train[:].min() and s.x_train[:].max() <= 1.0
     # the split is fixed by the seed
     again = load_splits(DataConfig(dataset="mnist", path=str(folder), val_fraction=0.25), seed=0)
     assert np.array_equal(s.x_val, again.x_val)
@@ -54,7 +57,8 @@ def test_npz_nhwc_uint8(tmp_path):
     np.savez(path, x_train=rng.integers(0, 256, (50, 6, 6, 3), dtype=np.uint8), y_train=rng.integers(0, 3, 50),
              x_test=rng.integers(0, 256, (10, 6, 6, 3), dtype=np.uint8), y_test=rng.integers(0, 3, 10))
     s = load_splits(DataConfig(dataset="npz", path=str(path)), seed=0)
-    assert s.input_shape == (3, 6, 6) and s.num_classes == 3 and s.x_train.max() <= 1.0
+    assert s.input_shape == (3, 6, 6) and s.num_classes == 3 and s.x_train.storage_dtype == np.uint8
+    assert s.x_train[:].max() <= 1.0
 
 
 def test_image_folder(tmp_path):

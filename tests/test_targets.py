@@ -20,7 +20,8 @@ from edgekd.config import BudgetConfig
 from edgekd.errors import ConfigError, EdgekdError
 from edgekd.targets.profiles import available_profiles, load_profile
 
-SHIPPED = {"android-arm64", "android-npu-qnn", "android-nnapi", "ios-coreml", "raspberry-pi-5", "x86-64"}
+SHIPPED = {"android-arm64", "android-arm64-v8.0", "android-npu-qnn", "android-nnapi", "ios-coreml", "raspberry-pi-5",
+           "x86-64"}
 
 
 # ---------------------------------------------------------------------------------------------- small models

@@ -31,13 +31,17 @@ def distill_model(student: nn.Module, cfg: DistillConfig, splits: Splits, teache
     """Train `student` in place from `teacher` (and, when usable, its cached training-set logits).
 
     cache_file: the teacher's logits on the training split, (N, K) for one teacher or (N, M, K) for M teachers,
-    as an upstream stage stored them. It is used when `cache_teacher_outputs` is on and no method needs the
-    teacher's intermediate features; otherwise the teacher runs on every batch. `amp`: see `train`.
+    as an upstream stage stored them. It is used when `cache_teacher_outputs` is on, `augment` is off and no
+    method needs the teacher's intermediate features; otherwise the teacher runs on every batch. `amp`: see `train`.
     """
     methods = cfg.methods.chosen()
     why_forward = needs_teacher_features(cfg.methods)
     if not cfg.cache_teacher_outputs:
         use_cache, note = False, "off in the pipeline (distill.cache_teacher_outputs: false)"
+    elif cfg.augment is not None and cfg.augment.active():
+        # cached logits are the teacher's answers for the un-augmented images: each augmented batch needs its own
+        use_cache, note = False, ("ignored (cache_teacher_outputs: true): augmentation is on, so the teacher runs on "
+                                  "every augmented batch")
     elif why_forward:
         use_cache, note = False, f"not used: {why_forward}, so the teacher runs on every batch"
     elif cache_file is None:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgekd.config import TrainConfig
+from edgekd.data.augment import BatchAugment, describe
 from edgekd.distributed import World, world as current_world
 from edgekd.distill.losses import kd_objective, temperature_at
 from edgekd.errors import StageError
@@ -63,14 +64,29 @@ def _optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+PREDICT_PIXELS = 512 * 28 * 28  # pixels per prediction batch: 512 Fashion-MNIST images
+
+
+def prediction_batch(shape: tuple[int, ...]) -> int:
+    """Rows per prediction batch for images of `shape` (..., H, W): 512 for small images, fewer for larger ones, so a
+    batch's activations take about what 512 28x28 images take (96x96: 43 rows, not 512 -> 12x less memory)."""
+    return max(8, min(512, PREDICT_PIXELS // max(1, int(shape[-2]) * int(shape[-1]))))
+
+
 @torch.no_grad()
-def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
-    """Eval-mode logits. x: (N, C, H, W) float32 -> (N, K) float32 (on the model's device, returned on the CPU)."""
+def predict_logits(model: nn.Module, x: np.ndarray, batch_size: Optional[int] = None,
+                   rows: Optional[np.ndarray] = None) -> np.ndarray:
+    """Eval-mode logits. x: (N, C, H, W) images read as float32 by index (an ImageArray converts one batch at a
+    time, or a float32 array) -> (N, K) float32 (on the model's device, returned on the CPU). `rows`: only these
+    rows of x, in this order. `batch_size`: default `prediction_batch` of the image size."""
     was_training = model.training
     model.eval()
     device = _device_of(model)
-    out = [model(torch.from_numpy(x[i:i + batch_size]).to(device)).float().cpu().numpy()
-           for i in range(0, len(x), batch_size)]
+    n = len(x) if rows is None else len(rows)
+    bs = batch_size or prediction_batch(x.shape)
+    out = [model(torch.from_numpy(np.ascontiguousarray(x[i:i + bs] if rows is None else x[rows[i:i + bs]]))
+                 .to(device)).float().cpu().numpy()
+           for i in range(0, n, bs)]
     model.train(was_training)
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
@@ -81,7 +97,7 @@ def predict_logits_shared(model: nn.Module, x: np.ndarray, w: Optional[World] = 
     w = w or current_world()
     if not w.is_distributed:
         return predict_logits(model, x)
-    parts = w.all_gather(predict_logits(model, np.ascontiguousarray(x[w.rank::w.world_size])))
+    parts = w.all_gather(predict_logits(model, x, rows=np.arange(w.rank, len(x), w.world_size)))
     k = next(p.shape[1] for p in parts if p.size)
     out = np.zeros((len(x), k), np.float32)
     for r, part in enumerate(parts):
@@ -106,7 +122,9 @@ def train(model: nn.Module, cfg: TrainConfig, x_train: np.ndarray, y_train: np.n
           amp: bool = True, world: Optional[World] = None) -> TrainResult:
     """Train `model` in place.
 
-    x_train: (N, C, H, W) float32, y_train: (N,) int64. With `kd`, the soft targets come from `teacher_logits`
+    x_train: (N, C, H, W) images read as float32 in [0, 1] by index (an ImageArray, converted a batch at a time, or
+    a float32 array), y_train: (N,) int64. With `cfg.augment`, each batch is augmented (seeded from `seed` and
+    the epoch) before the student and the teacher see it. With `kd`, the soft targets come from `teacher_logits`
     ((N, K), precomputed: the teacher output cache) or else from running the frozen `teacher` on each batch
     (several teachers: (N, M, K) outputs, turned into the ensemble's targets by `kd.targets`).
     `extra_loss(student_logits, batch_x, teacher_logits) -> dict of named terms` adds feature-level losses (its
@@ -165,14 +183,22 @@ def train(model: nn.Module, cfg: TrainConfig, x_train: np.ndarray, y_train: np.n
         for p in extra_params:
             dist.broadcast(p.data, src=0)
 
-    x_t, y_t = torch.from_numpy(x_train), torch.from_numpy(y_train)
+    y_t = torch.from_numpy(y_train)
     t_logits = torch.from_numpy(teacher_logits) if teacher_logits is not None else None
+    augment = cfg.augment if cfg.augment is not None and cfg.augment.active() else None
+    if augment is not None and t_logits is not None:  # cached logits belong to the un-augmented images
+        raise StageError(stage, "cached teacher outputs cannot be used with augmentation: the teacher must see each "
+                                "augmented batch")
+    if augment is not None:
+        log(f"augmenting every training batch (seeded per epoch): {describe(augment)}")
+    height, width = (int(d) for d in x_train.shape[-2:])
     t0 = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         # The same permutation on every rank: global batch b is order[b*B:(b+1)*B]; rank r takes rows r, r+W, ...
         order = torch.from_numpy(np.random.default_rng(seed * 1000 + epoch).permutation(len(x_train)))
         torch.manual_seed(seed * 1000 + epoch + 7919 * w.rank)  # dropout masks differ per rank
+        aug = BatchAugment(augment, seed, epoch) if augment is not None else None
         sums: dict[str, float] = {}
         n_seen = 0
         temperature = None
@@ -183,7 +209,11 @@ def train(model: nn.Module, cfg: TrainConfig, x_train: np.ndarray, y_train: np.n
                 continue
             idx = batch[w.rank::w.world_size]
             share = w.world_size * len(idx) / len(batch)  # DDP averages over ranks; this makes it the batch mean
-            xb, yb = x_t[idx].to(device, non_blocking=True), y_t[idx].to(device, non_blocking=True)
+            # uint8 storage -> float32 in [0, 1] for this batch only
+            xb = torch.from_numpy(x_train[idx.numpy()]).to(device, non_blocking=True)
+            yb = y_t[idx].to(device, non_blocking=True)
+            if aug is not None:  # draws for the whole global batch, every rank: its rows as one process has them
+                xb = aug.apply(xb, aug.draw(len(batch), height, width)[w.rank::w.world_size])
             with _autocast(device, amp):
                 logits = net(xb)
                 tb = None

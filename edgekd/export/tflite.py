@@ -15,6 +15,10 @@ tests/test_tflite_export.py and by reading onnx2tf/onnx2tf.py:
 4. QDQ/quantized ONNX converts to a silently wrong model: inputs containing QuantizeLinear/DequantizeLinear/
    QLinear*/*Integer ops are refused; int8 is made by tf.lite.TFLiteConverter.from_saved_model with a
    representative_dataset from the caller's float calibration images (NHWC, batch 1). Tested: QDQ refused.
+5. Negative or unsorted axes of a Reduce* op (ReduceMean axes [-1, -2], as timm's global pooling exports; [3, 2]
+   fails too) convert to a model whose output loses the batch (TFLite (1, K) for an ONNX (8, K)): they are
+   rewritten as sorted positive axes on the private copy first (`_positive_reduce_axes`; the reduction is the
+   same). Seen with timm:test_efficientnet; [2, 3] converts correctly.
 Every export ends with a parity check: fp32 TFLite vs onnxruntime on real inputs (raises if broken), int8
 top-1 agreement logged. Also found while reading the source: onnx2tf calls the `onnxsim` executable from
 PATH (silently skipped when the venv is not activated -> we put sys.executable's dir first), and importing
@@ -157,6 +161,35 @@ def _inspect_onnx(onnx_path: Path):
     # A static batch works (trap 1 is guarded) but the TFLite models then have that fixed batch too.
     static_batch = int(dims[0].dim_value) if dims[0].HasField("dim_value") else None
     return model, static_batch, chw
+
+
+def _positive_reduce_axes(model) -> None:
+    """Trap 5: rewrite negative or unsorted Reduce* axes (attribute, or constant `axes` input since opset 18) as sorted
+    positive ones, in place, using each op's input rank from shape inference. Ops of unknown rank are left alone."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = model.graph
+    ranks = {v.name: len(v.type.tensor_type.shape.dim)
+             for v in (*graph.input, *onnx.shape_inference.infer_shapes(model).graph.value_info)
+             if v.type.tensor_type.HasField("shape")}
+    inits = {i.name: i for i in graph.initializer}
+    for node in graph.node:
+        if not node.op_type.startswith("Reduce") or node.input[0] not in ranks:
+            continue
+        rank = ranks[node.input[0]]
+        for attr in node.attribute:
+            if attr.name == "axes" and list(attr.ints) != sorted({a % rank for a in attr.ints}):
+                attr.ints[:] = sorted({a % rank for a in attr.ints})
+        if len(node.input) > 1 and node.input[1] in inits:
+            axes = numpy_helper.to_array(inits[node.input[1]])
+            fixed = np.array(sorted({int(a) % rank for a in axes.reshape(-1)}), dtype=axes.dtype)
+            if axes.ndim == 1 and not np.array_equal(axes, fixed):
+                # a new initializer: the original may be shared with ops of another rank
+                name = f"{node.input[1]}_positive_{node.name or len(inits)}"
+                graph.initializer.append(numpy_helper.from_array(fixed, name))
+                inits[name] = graph.initializer[-1]
+                node.input[1] = name
 
 
 def _local_test_images(calib_nhwc: np.ndarray | None) -> Callable[[], np.ndarray]:
@@ -328,6 +361,7 @@ def convert_onnx_to_tflite(onnx_path: Path, out_dir: Path, calibration_nchw: np.
         work_onnx = tmp_dir / "model.onnx"  # trap 3: onnx2tf rewrites this copy, never the caller's file
         import onnx
 
+        _positive_reduce_axes(model)  # trap 5
         onnx.save(model, str(work_onnx))
         del model
         saved_model_dir = tmp_dir / "saved_model"

@@ -12,13 +12,21 @@ from torch import nn
 
 
 class Normalize(nn.Module):
-    def __init__(self, mean: float, std: float):
+    """(x - mean) / std on (N, C, H, W): one value for every channel (0-d buffers, the layout of existing state
+    dicts) or one per channel ((C, 1, 1) buffers)."""
+
+    def __init__(self, mean: float | list[float], std: float | list[float]):
         super().__init__()
-        self.register_buffer("mean", torch.tensor(float(mean)))
-        self.register_buffer("std", torch.tensor(float(std)))
+        self.register_buffer("mean", _per_channel(mean))
+        self.register_buffer("std", _per_channel(std))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
+
+
+def _per_channel(value: float | list[float]) -> torch.Tensor:
+    values = [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)]
+    return torch.tensor(values[0]) if len(values) == 1 else torch.tensor(values).reshape(-1, 1, 1)
 
 
 ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "gelu": nn.GELU, "silu": nn.SiLU}
@@ -123,10 +131,16 @@ def check_args(arch: str, args: dict) -> str | None:
 
 
 def build_model(arch: str, args: dict, input_shape: tuple[int, int, int], num_classes: int,
-                mean: float = 0.0, std: float = 1.0) -> nn.Sequential:
-    """A model = Normalize(mean, std) followed by the named architecture. Shapes: (N,C,H,W) -> (N, classes)."""
+                mean: float | list[float] = 0.0, std: float | list[float] = 1.0) -> nn.Sequential:
+    """A model = Normalize(mean, std) followed by the named architecture. Shapes: (N,C,H,W) -> (N, classes).
+    mean, std: one value, or one per input channel."""
     from edgekd.errors import ConfigError
 
+    for key, value in (("mean", mean), ("std", std)):
+        n = len(value) if isinstance(value, (list, tuple)) else 1
+        if n not in (1, input_shape[0]):
+            raise ConfigError(f"normalize.{key}: {n} values for {input_shape[0]}-channel images; give one value, "
+                              f"or one per channel")
     try:
         cls, preset = ARCHITECTURES[arch]
         body = cls(tuple(input_shape), num_classes, **{**preset, **{k: _tuple(v) for k, v in args.items()}})
@@ -136,7 +150,8 @@ def build_model(arch: str, args: dict, input_shape: tuple[int, int, int], num_cl
 
 
 def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    # + weights that live outside torch (an ONNX teacher's initializers)
+    return sum(p.numel() for p in model.parameters()) + sum(getattr(m, "external_params", 0) for m in model.modules())
 
 
 def _tuple(v):
@@ -144,5 +159,7 @@ def _tuple(v):
 
 
 def model_from_config(mcfg, input_shape: tuple[int, int, int], num_classes: int) -> nn.Sequential:
-    """Build the model a pipeline section (teacher or student) describes."""
-    return build_model(mcfg.arch, mcfg.args, input_shape, num_classes, mcfg.normalize.mean, mcfg.normalize.std)
+    """Build the model a pipeline section (teacher or student) describes, from whichever source it names."""
+    from edgekd.models.sources import load_model  # sources builds on this module
+
+    return load_model(mcfg, input_shape, num_classes)

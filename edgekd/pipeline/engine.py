@@ -12,6 +12,11 @@ so a change anywhere reruns exactly that stage and what depends on it. Outputs l
 name and renamed into place only when the stage succeeded, so a crash never leaves a half-written output
 that a later run trusts. `stages/<name>.work/` keeps per-epoch checkpoints for resuming a killed stage.
 
+`stages/<name>/` is the current slot, what other stages and users read. Every finished output is also kept in the
+run dir's stage store, `store/<name>/<key>/` (hard links: no second copy of the bytes), so returning to an earlier
+configuration restores its outputs instead of recomputing them, and a failed rerun never replaces a good result:
+the store and the slot change only after a stage succeeded. The store is bounded by least-recently-used eviction.
+
 This module imports no ML library.
 """
 
@@ -29,7 +34,8 @@ from typing import Any, Callable, Optional, Sequence
 from edgekd import __version__
 from edgekd.distributed import World
 from edgekd.errors import EdgekdError, StageError, first_line
-from edgekd.pipeline.store import atomic_write_json, read_json, sha256_file, sha256_json
+from edgekd.pipeline.store import (StageStore, atomic_write_json, format_size, read_json, remove_dead_leftovers,
+                                  sha256_file, sha256_json)
 
 MANIFEST = "manifest.json"
 _CODE_DIGEST: list[str] = []
@@ -115,7 +121,7 @@ class Stage:
 @dataclass
 class StageRecord:
     name: str
-    status: str  # ran | cached | failed | skipped | not-run
+    status: str  # ran | cached (message "restored from the store" when it came from there) | failed | skipped | not-run
     seconds: float = 0.0
     message: str = ""
 
@@ -130,13 +136,15 @@ class BuildResult:
 class Engine:
     def __init__(self, stages: Sequence[Stage], cfg: Any, target: Any, run_dir: Path,
                  log: Callable[[str], None] = print, debug: bool = False, options: dict | None = None,
-                 world: World | None = None):
+                 world: World | None = None, store_dir: Path | None = None, store_max_bytes: int | None = None):
         self.stages = list(stages)
         self.by_name = {s.name: s for s in self.stages}
         self.cfg, self.target, self.run_dir = cfg, target, Path(run_dir)
         self.log, self.debug = log, debug
         self.options = options or {}
         self.world = world if world is not None else World()  # a single process
+        self.store = StageStore(Path(store_dir) if store_dir is not None else self.run_dir / "store")
+        self.store_max_bytes = store_max_bytes  # None: the store is not pruned after a build
 
     # ------------------------------------------------------------------------------------------ keys
 
@@ -202,9 +210,10 @@ class Engine:
             if action in ("skipped", "not-run"):
                 records.append(StageRecord(stage.name, action, message=payload))
                 continue
-            if action == "cached":
+            if action in ("cached", "restored"):
                 outputs[stage.name] = payload
-                records.append(StageRecord(stage.name, "cached"))
+                records.append(StageRecord(stage.name, "cached",
+                                           message="restored from the store" if action == "restored" else ""))
                 continue
             key, parts = payload
             inputs = self.inputs_of(stage, outputs)
@@ -217,7 +226,19 @@ class Engine:
                 continue
             outputs[stage.name] = result
             records.append(StageRecord(stage.name, "ran", seconds))
+        if self.store_max_bytes is not None:
+            self.world.on_main(self._bound_store)
         return BuildResult(records, outputs, error)
+
+    def _bound_store(self) -> None:
+        try:
+            removed = self.store.prune(self.store_max_bytes, keep=slot_keys(self.run_dir))
+        except OSError as exc:  # a full or failing disk: the build's results stand, the store stays as it was
+            self.log(f"warning: the stage store could not be pruned: {exc.strerror or exc}")
+            return
+        if removed:
+            self.log(f"stage store: evicted {len(removed)} least recently used entries "
+                     f"({format_size(sum(e.size for e in removed))}) to stay under {format_size(self.store_max_bytes)}")
 
     def _decide(self, stage: Stage, outputs: dict[str, StageOutput], only: str | None,
                 forced: set[str]) -> tuple[str, Any]:
@@ -240,11 +261,68 @@ class Engine:
         if not (only or stage.name in forced):
             cached, why = self.load_output(stage.name)
             if cached is not None and cached.key == key:
+                self._keep_in_store(cached)
                 return "cached", cached
             if cached is None and why not in ("missing",):
                 self.log(f"warning: {stage.name}: stored output rejected: {why}; rebuilding")
+            restored = self._restore(stage.name, key)
+            if restored is not None:
+                return "restored", restored
         self._prepare_work(stage.name, key)
         return "run", (key, parts)
+
+    def _keep_in_store(self, out: StageOutput) -> None:
+        """A current slot's output is in the store too (a run dir built before the store existed gets it now, as
+        hard links); and it counts as just used."""
+        if (self.store.entry_dir(out.name, out.key) / MANIFEST).is_file():
+            self.store.touch(out.name, out.key)
+            return
+        try:
+            self.store.publish(out.name, out.key, self.stage_dir(out.name))
+        except OSError:
+            pass  # only a convenience: the slot itself is intact
+
+    def _restore(self, name: str, key: str) -> Optional[StageOutput]:
+        """The store's intact entry for `key`, put into the stage's slot; None when there is none (a damaged entry is
+        dropped with a warning) or it cannot be restored (the stage then runs)."""
+        manifest, why = self.store.load(name, key)
+        if manifest is None:
+            if why != "missing":
+                self.log(f"warning: {name}: store entry {key[:12]} rejected: {why}; rebuilding")
+                self.store.discard(name, key)
+            return None
+        tmp = self._fresh_tmp(name)
+        try:
+            self.store.materialize(name, key, tmp)
+            self._swap_slot(name, tmp)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.log(f"warning: {name}: could not restore store entry {key[:12]} ({exc.strerror or exc}); rebuilding")
+            return None
+        self._clear_failed(name)
+        self.log(f"==> {name}: restored from the store")
+        return StageOutput(name, manifest["files"], manifest["digests"], manifest["data"], key)
+
+    def _fresh_tmp(self, name: str) -> Path:
+        tmp = self.stage_dir(name).parent / f".{name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.parent.is_dir():
+            remove_dead_leftovers(tmp.parent)  # a killed build's half-written folders
+        return tmp
+
+    def _swap_slot(self, name: str, tmp: Path) -> None:
+        """Swap the finished folder into the slot: the old output (if any) is removed only after the new one is
+        in place."""
+        final = self.stage_dir(name)
+        old = final.parent / f".{name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _clear_failed(self, name: str) -> None:
+        (self.stage_dir(name).parent / f"{name}.failed.json").unlink(missing_ok=True)
 
     def _prepare_work(self, name: str, key: str) -> None:
         """The work folder (checkpoints) survives a killed run, but only for the same key."""
@@ -327,72 +405,101 @@ class Engine:
                              ) from None
 
     def _run_stage(self, stage: Stage, inputs: dict[str, StageOutput], key: str, parts: dict) -> StageOutput:
-        final = self.stage_dir(stage.name)
-        tmp = final.parent / f".{stage.name}.tmp-{os.getpid()}"
+        tmp = self._fresh_tmp(stage.name)
         work = self.work_dir(stage.name)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        try:
+            tmp.mkdir(parents=True)
+        except OSError as exc:
+            raise StageError(stage.name, f"cannot write in {tmp.parent}: {exc.strerror or exc}") from None
         ctx = StageContext(self.cfg, self.target, self.run_dir, tmp, work, inputs,
                            lambda msg: self.log(f"[{stage.name}] {msg}"), {**self.options, "stage": stage.name})
         self.log(f"==> {stage.name}")
         data = self._call_run(stage, ctx, tmp)
         files, digests = {}, {}
-        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            rel_in_stage = path.relative_to(tmp).as_posix()
-            files[rel_in_stage] = (Path("stages") / stage.name / rel_in_stage).as_posix()
-            digests[rel_in_stage] = sha256_file(path)
-        manifest = {"stage": stage.name, "key": key, "key_parts": parts, "files": files, "digests": digests,
-                    "data": data, "edgekd": __version__, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        atomic_write_json(tmp / MANIFEST, manifest)
-        # Swap the finished folder into place: old output (if any) is removed only after the new one is complete.
-        old = final.parent / f".{stage.name}.old-{os.getpid()}"
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+                rel_in_stage = path.relative_to(tmp).as_posix()
+                files[rel_in_stage] = (Path("stages") / stage.name / rel_in_stage).as_posix()
+                digests[rel_in_stage] = sha256_file(path)
+            manifest = {"stage": stage.name, "key": key, "key_parts": parts, "files": files, "digests": digests,
+                        "data": data, "edgekd": __version__,
+                        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            atomic_write_json(tmp / MANIFEST, manifest)
+            # Store first, then the slot: a failure in between leaves the old slot and a complete new entry.
+            self.store.publish(stage.name, key, tmp)
+            self._swap_slot(stage.name, tmp)
+        except OSError as exc:  # a full disk, a vanished folder: the stage failed, nothing built before is touched
+            shutil.rmtree(tmp, ignore_errors=True)
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise StageError(stage.name, f"could not store its output: {exc.strerror or exc}{where}") from None
         shutil.rmtree(work, ignore_errors=True)
-        (final.parent / f"{stage.name}.failed.json").unlink(missing_ok=True)
+        self._clear_failed(stage.name)
         return StageOutput(stage.name, files, digests, data, key)
 
     def _mark_failed(self, name: str, message: str) -> None:
-        atomic_write_json(self.stage_dir(name).parent / f"{name}.failed.json",
-                          {"stage": name, "error": message, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        try:
+            atomic_write_json(self.stage_dir(name).parent / f"{name}.failed.json",
+                              {"stage": name, "error": message,
+                               "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        except OSError:
+            pass  # a note for `edgekd status` only; on a full disk the error line itself must still come out
 
     # ------------------------------------------------------------------------------------------ status
 
     def status(self) -> list[dict]:
-        """Each stage's state without running anything: up-to-date, stale (with why), missing, failed, skipped."""
+        """Each stage's state without running anything: up-to-date, stored (an earlier build's output for this
+        config is in the store: the next build restores it), stale (with why), missing, failed, skipped. Later stages
+        are judged on the outputs the current config would use (the slot's, or the store's)."""
         rows: list[dict] = []
-        outputs: dict[str, StageOutput] = {}
-        fresh: dict[str, bool] = {}
+        usable: dict[str, StageOutput] = {}  # what the current config would use, stage by stage
         for stage in self.stages:
             if stage.config(self.cfg) is None:
                 rows.append({"stage": stage.name, "state": "skipped", "why": "disabled in the pipeline"})
                 continue
-            failed = read_json(self.stage_dir(stage.name).parent / f"{stage.name}.failed.json")
-            out, why = self.load_output(stage.name)
-            if out is None:
-                state = "failed" if failed else "missing"
-                rows.append({"stage": stage.name, "state": state,
-                             "why": failed["error"] if failed else ("" if why == "missing" else why)})
-                fresh[stage.name] = False
-                continue
-            outputs[stage.name] = out
-            stale_deps = [d for d in (*stage.deps, *stage.optional_deps) if d in fresh and not fresh[d]]
-            inputs = self.inputs_of(stage, outputs)
-            parts = self.key_parts(stage, inputs)
-            if stale_deps:
-                state, reason = "stale", f"input {stale_deps[0]} is not up to date"
-            elif sha256_json(parts) == out.key:
-                state, reason = "up-to-date", ""
-            else:
-                state, reason = "stale", _why_changed(read_json(self.stage_dir(stage.name) / MANIFEST).get("key_parts", {}),
-                                                      parts)
-            if failed and state != "up-to-date":
-                state, reason = "failed", failed["error"]
-            fresh[stage.name] = state == "up-to-date"
-            rows.append({"stage": stage.name, "state": state, "why": reason})
+            state, why = self._stage_state(stage, usable)
+            rows.append({"stage": stage.name, "state": state, "why": why})
         return rows
+
+    def _stage_state(self, stage: Stage, usable: dict[str, StageOutput]) -> tuple[str, str]:
+        failed = read_json(self.stage_dir(stage.name).parent / f"{stage.name}.failed.json")
+        slot, slot_why = self.load_output(stage.name)
+        unusable = [d for d in stage.deps if d not in usable]
+        unusable += [d for d in stage.optional_deps if d not in usable and self._enabled(d)]
+        if unusable:
+            state, why = ("stale", f"input {unusable[0]} is not up to date") if slot is not None else \
+                ("missing", "" if slot_why == "missing" else slot_why)
+        else:
+            parts = self.key_parts(stage, self.inputs_of(stage, usable))
+            key = sha256_json(parts)
+            stored = self.store.load(stage.name, key)[0] if slot is None or slot.key != key else None
+            if slot is not None and slot.key == key:
+                usable[stage.name] = slot
+                return "up-to-date", ""
+            if stored is not None:
+                usable[stage.name] = StageOutput(stage.name, stored["files"], stored["digests"], stored["data"], key)
+                return "stored", "built before for this config; the next build restores it without running"
+            if slot is not None:
+                old_parts = read_json(self.stage_dir(stage.name) / MANIFEST).get("key_parts", {})
+                state, why = "stale", _why_changed(old_parts, parts)
+            else:
+                state, why = "missing", "" if slot_why == "missing" else slot_why
+        if failed:
+            state, why = "failed", failed["error"]
+        return state, why
+
+    def _enabled(self, name: str) -> bool:
+        stage = self.by_name.get(name)
+        return stage is not None and stage.config(self.cfg) is not None
+
+
+def slot_keys(run_dir: Path) -> set[tuple[str, str]]:
+    """(stage, key) of every output in the run dir's slots `stages/<name>/`: the store entries a prune keeps."""
+    keys = set()
+    for manifest_path in Path(run_dir).glob(f"stages/*/{MANIFEST}"):
+        manifest = read_json(manifest_path)
+        if isinstance(manifest, dict) and "key" in manifest:
+            keys.add((manifest_path.parent.name, manifest["key"]))
+    return keys
 
 
 def _why_changed(old: dict, new: dict) -> str:

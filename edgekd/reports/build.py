@@ -51,6 +51,7 @@ def build_report(ctx: StageContext) -> dict:
     cfg = ctx.cfg
     data, teacher, distill = ctx.input_data("data"), ctx.input_data("teacher"), ctx.input_data("distill")
     evaluation, bench, gate = ctx.input_data("evaluate"), ctx.input_data("benchmark"), ctx.input_data("gate")
+    arm = ctx.input_data("arm_instructions")
     measured = bench.get("results", {})
     teacher_bench = measured.get("teacher_fp32.onnx", {})
     artifacts = []
@@ -62,6 +63,14 @@ def build_report(ctx: StageContext) -> dict:
             "size_bytes": art.path.stat().st_size,
             "params": evaluation.get("student_params", distill.get("params")),  # the pruned student's, if pruned
             "accuracy": ev.get("accuracy"), "teacher_agreement": ev.get("teacher_agreement"),
+            # which arithmetic computed `accuracy` (the target's, emulated, where the profile names an ARM CPU), and
+            # the host's own figure beside it
+            "accuracy_measured_on": ev.get("accuracy_measured_on"), "accuracy_samples": ev.get("samples"),
+            "host_accuracy": ev.get("host_accuracy", ev.get("accuracy")),
+            "host_target_top1_disagreements": ev.get("host_target_top1_disagreements"),
+            **({"teacher_accuracy_same_samples": ev["teacher_accuracy_same_samples"]}
+               if "teacher_accuracy_same_samples" in ev else {}),
+            "arm_instructions": _arm(arm, art.name),
             "runtime": art.runtime,
             "latency_ms": _lat(m), "load_ms": m.get("load_ms"), "first_inference_ms": m.get("first_ms"),
             "peak_rss_bytes": m.get("peak_rss_bytes"), "measured_on": m.get("measured_on")
@@ -85,6 +94,7 @@ def build_report(ctx: StageContext) -> dict:
                     "latency_distribution_ms": teacher_bench.get("latency_distribution_ms"),
                     "size_bytes": teacher_bench.get("size_bytes"),
                     "measured_on": teacher_bench.get("measured_on"),
+                    "arm_instructions": _arm(arm, "teacher_fp32.onnx"),
                     # with `teachers:`: each teacher's own accuracy, and the ensemble's (= "accuracy" above)
                     **({"members": [{k: v for k, v in m.items() if k != "history"} for m in teacher["members"]],
                         "ensemble": teacher.get("ensemble")} if teacher.get("members") else {})},
@@ -109,6 +119,9 @@ def build_report(ctx: StageContext) -> dict:
                       "host_arch": bench.get("host_arch"),
                       "onnxruntime_disabled_optimizers": bench.get("onnxruntime_disabled_optimizers", []),
                       "note": "host-measured latency under the target profile's settings; not a device measurement"},
+        "target_arithmetic": evaluation.get("target_arithmetic"),
+        "arm_instructions": {k: arm[k] for k in ("cpus", "label", "cpu_descriptions", "emulator", "runtime_versions",
+                                                  "note") if k in arm} if arm else None,
         # the target's execution provider (placement, accuracy through it, EPContext) and the adb device runner
         "accelerator": {k: v for k, v in (bench.get("accelerator") or {}).items() if k != "artifacts"} or None,
         "device_runner": bench.get("device"),
@@ -133,7 +146,10 @@ def gate_inputs(report: dict) -> tuple[dict, dict, dict]:
     teacher, arts = report.get("teacher") or {}, report.get("artifacts") or []
     evaluation = {"teacher": {"accuracy": teacher.get("accuracy"), "params": teacher.get("params")},
                   "student_params": (report.get("student") or {}).get("params"),
-                  "artifacts": {a["name"]: {"accuracy": a["accuracy"]} for a in arts if a.get("accuracy") is not None}}
+                  "artifacts": {a["name"]: {"accuracy": a["accuracy"],
+                                            **({"teacher_accuracy_same_samples": a["teacher_accuracy_same_samples"]}
+                                               if "teacher_accuracy_same_samples" in a else {})}
+                                for a in arts if a.get("accuracy") is not None}}
     results = {a["name"]: {"latency_ms": a["latency_ms"], "size_bytes": a.get("size_bytes"),
                            "peak_rss_bytes": a.get("peak_rss_bytes")} for a in arts if a.get("latency_ms")}
     if teacher.get("latency_ms"):
@@ -141,7 +157,17 @@ def gate_inputs(report: dict) -> tuple[dict, dict, dict]:
     placement = {a["name"]: a.get("accelerator_node_fraction") for a in arts}
     accel = {**(report.get("accelerator") or {}),
              "artifacts": {a["name"]: a["accelerator"] for a in arts if a.get("accelerator")}}
-    return evaluation, {"results": results, "accelerator": accel}, placement
+    counts = {a["name"]: {c["cpu"]: c["per_inference"] for c in a["arm_instructions"]}
+              for a in arts if a.get("arm_instructions")}
+    if teacher.get("arm_instructions"):
+        counts["teacher_fp32.onnx"] = {c["cpu"]: c["per_inference"] for c in teacher["arm_instructions"]}
+    return evaluation, {"results": results, "accelerator": accel, "arm_instructions": counts}, placement
+
+
+def _arm(arm: dict, name: str) -> list[dict] | None:
+    """An artifact's emulated instruction counts as [{"cpu", "per_inference"}], one per CPU; None if not counted."""
+    per_cpu = (arm.get("results") or {}).get(name)
+    return [{"cpu": cpu, "per_inference": n} for cpu, n in per_cpu.items()] if per_cpu else None
 
 
 def _ep(bench: dict, name: str) -> dict:

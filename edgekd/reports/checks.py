@@ -36,6 +36,8 @@ def format_value(value, unit: str | None) -> str:
         return f"{value:.3f}x"
     if unit == "bool":
         return "yes" if value >= 1 else "no"
+    if unit == "instructions":
+        return f"{value:,.0f} instr"
     return f"{value:.4g}"
 
 

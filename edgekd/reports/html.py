@@ -12,6 +12,7 @@ from html import escape
 
 from edgekd.reports import svg
 from edgekd.reports.checks import explain, format_bytes, format_limit, format_ms, format_value
+from edgekd.reports.target_arithmetic import target_html
 
 STAGE_COLORS = {"ran": "#0f766e", "cached": "#9ca3af", "failed": "#b91c1c"}
 
@@ -84,7 +85,7 @@ def to_html(r: dict) -> str:
               _figure(accuracy_latency_plot(r, colors)), _figure(size_plot(r, colors)),
               _figure(latency_distribution_plot(r, colors)), _figure(stage_time_plot(r)), "</div>",
               f'<p class="sub">{escape(_measured_note(r))}</p>',
-              "<h2>Artifacts</h2>", _artifact_table(r, colors),
+              "<h2>Artifacts</h2>", _artifact_table(r, colors), target_html(r),
               "<h2>Gate checks</h2>", _checks_table(checks),
               "<h2>Reproduce this decision</h2>", _reproduce(r),
               "</main></body></html>"]

@@ -11,6 +11,7 @@ from edgekd.reports.accelerator import accelerator_lines
 from edgekd.reports.checks import explain, format_bytes, format_limit, format_ms, format_value
 from edgekd.reports.html import to_html
 from edgekd.reports.junit import to_junit
+from edgekd.reports.target_arithmetic import target_lines
 
 FILES = {"json": "report.json", "md": "report.md", "html": "report.html", "junit": "report.junit.xml"}
 
@@ -117,6 +118,7 @@ def to_markdown(r: dict) -> str:
         lines.append(f"| `{name}` | MISSING | | | | | | | | | |")
     lines += ["", f"Latency: {r.get('benchmark', {}).get('measured_on')}, batch {r.get('benchmark', {}).get('batch_size')}.",
               "These are host measurements, not the target device's latency."]
+    lines += target_lines(r)
     lines += accelerator_lines(r)
     lines += ["", "## Gate checks", "", "| check | value | limit | result |", "|---|---:|---:|---|"]
     for c in checks:

@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -101,15 +102,8 @@ def ensure_env(name: str, log: Callable[[str], None] = print) -> dict:
         raise EdgekdError(f"runtime environment {name!r} ({spec.description}) can only be built on "
                           f"{', '.join('/'.join(p) for p in spec.platforms)}, not {'/'.join(here)}")
     path = env_dir(name)
-    root = path.parent
-    root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    with open(root / f".{path.name}.lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"runtime environment {name}: another edgekd process is creating {path}; waiting for it")
-            fcntl.flock(lock, fcntl.LOCK_EX)
+    with creation_lock(path, log, f"runtime environment {name}"):
         info = _existing(path, spec)
         if info is not None:
             return {**info, "created": False, "seconds": round(time.perf_counter() - t0, 2)}
@@ -118,6 +112,19 @@ def ensure_env(name: str, log: Callable[[str], None] = print) -> dict:
             shutil.rmtree(path, ignore_errors=True)
         info = _create(path, spec, log)
     return {**info, "created": True, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+@contextmanager
+def creation_lock(path: Path, log: Callable[[str], None], what: str):
+    """Held while the environment at `path` is checked or created: two builds never create one at once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"{what}: another edgekd process is creating {path}; waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _python(path: Path) -> Path:

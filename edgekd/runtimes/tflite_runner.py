@@ -140,3 +140,31 @@ class TFLiteRunner:
             y = self.run_raw(xin)
             outs.append(self._dequantize_output(y[:m]))
         return np.concatenate(outs, axis=0)
+
+
+def check_loads_without_tensorflow(path: str | Path, stage: str) -> None:
+    """Fail `stage` unless the .tflite file loads in LiteRT alone, as an app on a device loads it.
+
+    The check runs in a fresh process: in the build's own process TensorFlow is imported, which links its Select
+    ("Flex") ops into the interpreter, so a file that needs them (onnx2tf writes `FlexErf` for GELU's erf) loads
+    there and nowhere else; and a file XNNPACK cannot prepare can abort the whole process."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    path = Path(path)
+    proc = subprocess.run([sys.executable, "-c", "import sys; from edgekd.runtimes.tflite_runner import TFLiteRunner; "
+                           "TFLiteRunner(sys.argv[1])", str(path)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    if proc.returncode == 0:
+        return
+    flex = sorted({m.decode() for m in re.findall(rb"Flex[A-Z][A-Za-z0-9]+", path.read_bytes())})
+    if flex:
+        why = f"it needs TensorFlow Select ops ({', '.join(flex)}), which LiteRT on a device does not have"
+    elif proc.returncode < 0:
+        why = f"LiteRT crashed loading it (signal {-proc.returncode})"
+    else:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        why = last.split(": ", 1)[-1][:240]
+    raise StageError(stage, f"{path.name} does not load in LiteRT without TensorFlow: {why}")

@@ -6,6 +6,7 @@ pure function (`edgekd gate` re-evaluating a stored report) does not pay for imp
 
 
 def all_stages():
+    from edgekd.stages.arm_instructions import ArmInstructionsStage
     from edgekd.stages.assistant import AssistantStage
     from edgekd.stages.benchmark import BenchmarkStage
     from edgekd.stages.data import DataStage
@@ -22,5 +23,5 @@ def all_stages():
     from edgekd.stages.teacher import TeacherStage
 
     return [DataStage(), TeacherStage(), AssistantStage(), DistillStage(), PruneStage(), QATStage(), ExportOnnxStage(),
-            QuantizeStage(), ExportTFLiteStage(), QuantizeTFLiteStage(), EvaluateStage(), BenchmarkStage(), GateStage(),
-            ReportStage()]
+            QuantizeStage(), ExportTFLiteStage(), QuantizeTFLiteStage(), EvaluateStage(), BenchmarkStage(),
+            ArmInstructionsStage(), GateStage(), ReportStage()]

@@ -10,6 +10,7 @@ from edgekd.config import to_plain
 from edgekd.distill.run import distill_model
 from edgekd.distill.trainer import accuracy, predict_logits
 from edgekd.distributed import world
+from edgekd.models.sources import source_digest
 from edgekd.models.zoo import count_params, model_from_config
 from edgekd.pipeline.engine import Stage, StageContext
 from edgekd.stages.common import batch_teacher, load_splits, save_state_dict
@@ -26,6 +27,9 @@ class AssistantStage(Stage):
             return None
         return {"assistant": cfg.section("assistant"), "distill": to_plain(cfg.assistant.distill or cfg.distill),
                 "seed": cfg.seed}
+
+    def extra_key(self, cfg):
+        return {"source_digest": source_digest(cfg.assistant)} if cfg.assistant is not None else {}
 
     def run(self, ctx: StageContext) -> dict:
         acfg = ctx.cfg.assistant

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from edgekd.compress.pruning import load_pruned
+from edgekd.config import check_normalize_channels
 from edgekd.data.datasets import Splits
 from edgekd.distill.teachers import BatchTeacher, input_shape_for, teacher_for_eval
 from edgekd.models.zoo import model_from_config
@@ -16,7 +17,11 @@ from edgekd.pipeline.engine import StageContext
 
 
 def load_splits(ctx: StageContext) -> Splits:
-    return Splits.load(ctx.input_path("data", "splits.npz"))
+    """The data stage's split (images stored as uint8 or float32, read as float32 batch by batch). Every model's
+    per-channel `normalize` is checked against its channels here too: a cached data stage does not check again."""
+    splits = Splits.load(ctx.input_path("data", "splits.npz"))
+    check_normalize_channels(ctx.cfg, splits.input_shape[0], ctx.cfg.source)
+    return splits
 
 
 def load_teacher(ctx: StageContext, splits: Splits) -> torch.nn.Module:
@@ -62,9 +67,10 @@ def load_student(ctx: StageContext, splits: Splits) -> torch.nn.Module:
 
 
 def sample(x: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """A fixed random subset of n rows (all rows if n >= len(x)); used for calibration and parity inputs."""
+    """A fixed random subset of n rows (all rows if n >= len(x)) as a float32 array; used for calibration and parity
+    inputs. x: (N, C, H, W) ImageArray or float32 array."""
     if n >= len(x):
-        return x
+        return np.ascontiguousarray(x[:])
     idx = np.sort(np.random.default_rng(seed).choice(len(x), size=n, replace=False))
     return np.ascontiguousarray(x[idx])
 

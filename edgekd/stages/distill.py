@@ -8,6 +8,7 @@ from edgekd.distill.teachers import BatchTeacher
 from edgekd.distill.trainer import accuracy, predict_logits
 from edgekd.distributed import world
 from edgekd.errors import StageError
+from edgekd.models.sources import label, source_digest
 from edgekd.models.zoo import count_params, model_from_config
 from edgekd.pipeline.engine import Stage, StageContext
 from edgekd.stages.common import batch_teacher, load_splits, save_state_dict
@@ -23,6 +24,9 @@ class DistillStage(Stage):
     def config(self, cfg):
         return {"student": cfg.section("student"), "distill": cfg.section("distill"), "seed": cfg.seed}
 
+    def extra_key(self, cfg):
+        return {"source_digest": source_digest(cfg.student)}  # the student's own code, when it is the user's
+
     def run(self, ctx: StageContext) -> dict:
         cfg = ctx.cfg.distill
         splits = load_splits(ctx)
@@ -34,7 +38,7 @@ class DistillStage(Stage):
             source = f"assistant {ctx.cfg.assistant.arch}"
         else:
             teacher, cache_file, weights = batch_teacher(ctx, splits)
-            source = f"{len(weights)} teachers" if len(weights) > 1 else f"teacher {ctx.cfg.teacher.arch}"
+            source = f"{len(weights)} teachers" if len(weights) > 1 else f"teacher {label(ctx.cfg.teacher)}"
         ctx.log(f"student {ctx.cfg.student.arch}: {count_params(student):,} params, from the {source} "
                 f"({count_params(teacher):,} params); T={cfg.temperature}"
                 + (f"->{cfg.temperature_end} ({cfg.temperature_schedule})" if cfg.temperature_schedule != "constant"

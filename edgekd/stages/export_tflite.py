@@ -22,13 +22,14 @@ class ExportTFLiteStage(Stage):
 
     def run(self, ctx: StageContext) -> dict:
         from edgekd.export.tflite import convert_onnx_to_tflite
-        from edgekd.runtimes.tflite_runner import TFLiteRunner
+        from edgekd.runtimes.tflite_runner import TFLiteRunner, check_loads_without_tensorflow
 
         cfg = ctx.cfg.tflite
         splits = load_splits(ctx)
         onnx_path = ctx.input_path("export_onnx", "student_fp32.onnx")
         files = convert_onnx_to_tflite(onnx_path, ctx.out_dir, None, log=ctx.log,
                                        saved_model_out=ctx.out_dir / "saved_model")
+        check_loads_without_tensorflow(files["fp32"], self.name)
         x = sample(splits.x_val, cfg.parity_samples, ctx.cfg.seed)
         ref = OrtRunner(onnx_path, threads=2).predict(x)
         fp32 = TFLiteRunner(files["fp32"], num_threads=2).predict(x)

@@ -36,10 +36,12 @@ def evaluate_budget(budget, evaluation: dict, bench: dict | None, placement: dic
         if name not in arts or limits is None:
             continue
         acc = arts[name]["accuracy"]
+        # an accuracy measured on a capped subset (evaluate.target_samples) is compared with the teacher's on it
+        ref_acc = arts[name].get("teacher_accuracy_same_samples", teacher_acc)
         if limits.max_accuracy_drop is not None:
-            add(f"accuracy_drop[{name}]", name, teacher_acc - acc, limits.max_accuracy_drop, "<=", "points")
+            add(f"accuracy_drop[{name}]", name, ref_acc - acc, limits.max_accuracy_drop, "<=", "points")
         if limits.max_relative_accuracy_drop is not None:
-            rel = (teacher_acc - acc) / teacher_acc if teacher_acc else 0.0
+            rel = (ref_acc - acc) / ref_acc if ref_acc else 0.0
             add(f"relative_accuracy_drop[{name}]", name, rel, limits.max_relative_accuracy_drop, "<=", "percent")
         if limits.min_accuracy is not None:
             add(f"accuracy[{name}]", name, acc, limits.min_accuracy, ">=", "percent")
@@ -65,9 +67,34 @@ def evaluate_budget(budget, evaluation: dict, bench: dict | None, placement: dic
                 ("peak_rss_bytes", limits.max_peak_rss_bytes, m and m["peak_rss_bytes"], "bytes")):
             if limit is not None:
                 add(f"{key}[{name}]", name, value, limit, "<=", unit, "" if value is not None else "not measured")
+        _arm_instruction_checks(name, limits, (bench or {}).get("arm_instructions") or {}, add)
     _accelerator_checks(budget, teacher_acc, (bench or {}).get("accelerator") or {}, add)
     passed = all(c["passed"] for c in checks)
     return {"passed": passed, "checks": checks, "best_artifact": _best(arts, measured, checks)}
+
+
+def _arm_instruction_checks(name: str, limits, counts: dict, add) -> None:
+    """Emulated aarch64 instructions per inference (stage arm_instructions), on each CPU the target emulates:
+    absolute, and relative to the teacher's fp32 ONNX on the same CPU."""
+    if limits.max_arm_instructions is None and limits.max_arm_instructions_ratio_vs_teacher is None:
+        return
+    mine, teacher = counts.get(name) or {}, counts.get("teacher_fp32.onnx") or {}
+    if not mine:
+        for key in ("arm_instructions", "arm_instructions_ratio_vs_teacher"):
+            limit = getattr(limits, f"max_{key}")
+            if limit is not None:
+                add(f"{key}[{name}]", name, None, limit, "<=", "instructions" if key == "arm_instructions" else "ratio",
+                    "not counted (the target profile names no emulate_cpus, or benchmark.arm_instructions is off)")
+        return
+    for cpu, n in mine.items():
+        if limits.max_arm_instructions is not None:
+            add(f"arm_instructions@{cpu}[{name}]", name, n, limits.max_arm_instructions, "<=", "instructions",
+                f"emulated {cpu}, per inference; a count, not a time")
+        if limits.max_arm_instructions_ratio_vs_teacher is not None:
+            ref = teacher.get(cpu)
+            add(f"arm_instructions_ratio_vs_teacher@{cpu}[{name}]", name, n / ref if ref else None,
+                limits.max_arm_instructions_ratio_vs_teacher, "<=", "ratio",
+                f"vs teacher fp32 ONNX on emulated {cpu}" if ref else "teacher not counted")
 
 
 def _accelerator_checks(budget, teacher_acc, accel: dict, add) -> None:
@@ -128,14 +155,15 @@ def _best(arts: dict, measured: dict, checks: list[dict]) -> str | None:
 class GateStage(Stage):
     name = "gate"
     deps = ("evaluate",)
-    optional_deps = ("benchmark",)
+    optional_deps = ("benchmark", "arm_instructions")
     description = "check the budget"
 
     def config(self, cfg):
         return {"budget": cfg.section("budget")}
 
     def run(self, ctx: StageContext) -> dict:
-        bench = ctx.input_data("benchmark") if ctx.has_input("benchmark") else None
+        bench = dict(ctx.input_data("benchmark")) if ctx.has_input("benchmark") else {}
+        bench["arm_instructions"] = ctx.input_data("arm_instructions").get("results", {})
         result = evaluate_budget(ctx.cfg.budget, ctx.input_data("evaluate"), bench)
         for c in result["checks"]:
             ctx.log(format_check(c))

@@ -96,7 +96,7 @@ class QATStage(Stage):
         import onnx
 
         from edgekd.export.tflite import convert_onnx_to_tflite
-        from edgekd.runtimes.tflite_runner import TFLiteRunner
+        from edgekd.runtimes.tflite_runner import TFLiteRunner, check_loads_without_tensorflow
 
         cfg = ctx.cfg.qat
         try:
@@ -113,6 +113,7 @@ class QATStage(Stage):
             except StageError as exc:
                 raise StageError(self.name, f"QAT TFLite: {exc}") from None
             shutil.copyfile(paths["int8"], ctx.out_dir / "student_qat_int8.tflite")
+            check_loads_without_tensorflow(ctx.out_dir / "student_qat_int8.tflite", self.name)
         x = sample(splits.x_val, 1024, ctx.cfg.seed)
         ref = OrtRunner(qdq_path, threads=2).predict(x)
         got = TFLiteRunner(ctx.out_dir / "student_qat_int8.tflite", num_threads=2).predict(x)

@@ -22,13 +22,14 @@ class QuantizeTFLiteStage(Stage):
         import numpy as np
 
         from edgekd.export.tflite import quantize_saved_model_int8
-        from edgekd.runtimes.tflite_runner import TFLiteRunner
+        from edgekd.runtimes.tflite_runner import TFLiteRunner, check_loads_without_tensorflow
 
         cfg = ctx.cfg.tflite
         splits = load_splits(ctx)
         saved_model = ctx.input_path("export_tflite", "saved_model/saved_model.pb").parent
         calib = sample(splits.x_train, cfg.calibration_samples, ctx.cfg.seed + 1)
         out = quantize_saved_model_int8(saved_model, calib, ctx.out_dir / "student_int8.tflite", stage=self.name)
+        check_loads_without_tensorflow(out, self.name)
         ctx.log(f"int8 (full-integer, {len(calib)} calibration samples) -> {out.name} "
                 f"({out.stat().st_size / 1024:.1f} KiB)")
         x = sample(splits.x_val, cfg.parity_samples, ctx.cfg.seed)

@@ -8,7 +8,7 @@ class ReportStage(Stage):
     name = "report"
     deps = ("data", "teacher", "distill", "evaluate")
     optional_deps = ("assistant", "prune", "qat", "export_onnx", "quantize", "export_tflite", "quantize_tflite",
-                     "benchmark", "gate")
+                     "benchmark", "arm_instructions", "gate")
     uses_target = True
     description = "assemble the report"
 

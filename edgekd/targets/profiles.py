@@ -35,6 +35,9 @@ EXECUTION_PROVIDERS = {
 }
 RUNTIME_ENVS = ("host", "qnn")  # see edgekd/runtimes/envs.py
 MOBILE_CHECKERS = ("nnapi", "coreml-mlprogram", "coreml-neuralnetwork")
+# QEMU 7.2's aarch64 CPU models edgekd can emulate (edgekd/runtimes/aarch64.py CPUS; kept here so validating a
+# profile imports nothing heavy)
+EMULATED_CPUS = ("cortex-a53", "cortex-a57", "cortex-a72", "cortex-a76", "neoverse-n1")
 
 
 @dataclass
@@ -98,6 +101,10 @@ class TargetProfile:
     onnxruntime_disabled_optimizers: Optional[list[str]] = None
     static_shapes: bool = False
     static_batch_size: int = 1
+    # ARM CPU models (QEMU's names) the target's arithmetic is emulated on (edgekd/runtimes/aarch64.py): the first
+    # one computes every artifact's accuracy with the aarch64 runtimes; each one gets per-inference instruction counts.
+    # Empty: accuracy from the host's own kernels, labelled so.
+    emulate_cpus: list[str] = field(default_factory=list)
     quantization: QuantScheme = field(default_factory=QuantScheme)
     device_runner: DeviceRunner = field(default_factory=DeviceRunner)
     notes: str = ""
@@ -157,6 +164,15 @@ class TargetProfile:
                 bad("min_accelerator_node_fraction", "needs an accelerator execution provider (this profile is CPU)")
         if self.static_batch_size < 1:
             bad("static_batch_size", "must be >= 1")
+        for i, cpu in enumerate(self.emulate_cpus):
+            if self.cpu_arch != "arm64":
+                bad("emulate_cpus", f"emulation runs aarch64 runtimes; this profile's cpu_arch is {self.cpu_arch}")
+            if cpu not in EMULATED_CPUS:
+                close = difflib.get_close_matches(cpu, EMULATED_CPUS, n=1, cutoff=0.5)
+                bad(f"emulate_cpus[{i}]", f"unknown CPU {cpu!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                    + f"; one of {', '.join(EMULATED_CPUS)}")
+        if len(set(self.emulate_cpus)) != len(self.emulate_cpus):
+            bad("emulate_cpus", "lists a CPU twice")
         for i, name in enumerate(self.accelerator_artifacts or []):
             if not name.endswith(".onnx"):
                 bad(f"accelerator_artifacts[{i}]", f"{name!r}: execution providers run ONNX files (*.onnx)")

@@ -164,11 +164,24 @@ def test_killed_distillation_resumes_from_its_checkpoint(digits_copy, tmp_path):
 
 
 def test_corrupted_artifact_is_detected_and_rebuilt(digits_copy):
+    """A damaged stage file is never used: with an intact copy in the stage store it is restored from there (nothing
+    recomputed); with the store's copy damaged too (in a run dir they are hard links of one file) the stage reruns."""
     target = digits_copy / "stages/quantize/student_int8.onnx"
-    target.write_bytes(target.read_bytes()[:100])
+    good = target.read_bytes()
+    target.unlink()  # the slot's file alone (a copied run dir holds the store's files as separate copies)
+    target.write_bytes(good[:100])
     proc = run_cli("build", "--pipeline", DIGITS, "--run-dir", digits_copy)
     assert proc.returncode == 0, proc.stderr
     assert "quantize: stored output rejected" in proc.stdout and "digest mismatch" in proc.stdout
+    assert "==> quantize: restored from the store" in proc.stdout
+    assert stage_statuses(read_report(digits_copy))["quantize"] == "cached" and target.read_bytes() == good
+
+    for damaged in [target, *(digits_copy / "store" / "quantize").glob("*/student_int8.onnx")]:
+        damaged.unlink()
+        damaged.write_bytes(good[:100])
+    proc = run_cli("build", "--pipeline", DIGITS, "--run-dir", digits_copy)
+    assert proc.returncode == 0, proc.stderr
+    assert "quantize: stored output rejected" in proc.stdout and "rejected" in proc.stdout.split("==> quantize")[0]
     statuses = stage_statuses(read_report(digits_copy))
     assert statuses["quantize"] == "ran" and statuses["distill"] == "cached"
     assert len(target.read_bytes()) > 1000

@@ -337,10 +337,17 @@ def _parallel(tasks: list[Callable[[], dict]], workers: int) -> list[dict]:
         return list(pool.map(lambda task: task(), tasks))
 
 
-def _split(items: list, parts: int) -> list[list]:
-    """items dealt round-robin into at most `parts` non-empty groups (one emulated process each: starting the
-    emulated Python and its runtimes costs seconds, so a process serves several models)."""
-    return [g for g in (items[i::parts] for i in range(max(1, parts))) if g]
+def _split(items: list, parts: int, weight: Callable[[object], float]) -> list[list]:
+    """items in at most `parts` non-empty groups of about equal total weight, heaviest first into the lightest group
+    (one emulated process each: starting the emulated Python and its runtimes costs seconds, so a process serves
+    several models; float models cost far more than int8 ones under emulation, so they go to different processes)."""
+    groups: list[list] = [[] for _ in range(max(1, min(parts, len(items))))]
+    loads = [0.0] * len(groups)
+    for item in sorted(items, key=weight, reverse=True):
+        g = loads.index(min(loads))
+        groups[g].append(item)
+        loads[g] += weight(item)
+    return [g for g in groups if g]
 
 
 def predict(env: Aarch64Env, cpu: str, models: list[tuple[str, str]], x, batch_size: int = 256,
@@ -354,7 +361,8 @@ def predict(env: Aarch64Env, cpu: str, models: list[tuple[str, str]], x, batch_s
         inputs = Path(tmp) / "x.npy"
         np.save(inputs, np.ascontiguousarray(x, dtype=np.float32))
         jobs = [(i, str(path), runtime) for i, (path, runtime) in enumerate(models)]
-        groups = _split(jobs, workers or os.cpu_count() or 1)
+        # a model's file size stands in for its emulated cost (an fp32 file is about 4x its int8 twin)
+        groups = _split(jobs, workers or os.cpu_count() or 1, weight=lambda job: Path(job[1]).stat().st_size)
 
         def task(g: int, group: list) -> Callable[[], dict]:
             files = {"x.npy": inputs, **{f"model_{i}{Path(path).suffix}": Path(path) for i, path, _ in group},

@@ -327,6 +327,12 @@ def _check_parity(onnx_path: Path, paths: dict[str, Path], samples_nchw: np.ndar
     log(msg)
 
 
+def onnx2tf_versions() -> dict:
+    import importlib.metadata as md
+
+    return {d: md.version(d) for d in ("onnx2tf", "tensorflow", "ai-edge-litert")}
+
+
 def convert_onnx_to_tflite(onnx_path: Path, out_dir: Path, calibration_nchw: np.ndarray | None,
                            *, fp32_name: str = "student_fp32.tflite", int8_name: str = "student_int8.tflite",
                            log: Callable[[str], None] = print,

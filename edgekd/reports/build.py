@@ -72,6 +72,7 @@ def build_report(ctx: StageContext) -> dict:
                if "teacher_accuracy_same_samples" in ev else {}),
             "arm_instructions": _arm(arm, art.name),
             "runtime": art.runtime,
+            **({"converter": art.converter} if art.converter else {}),
             "latency_ms": _lat(m), "load_ms": m.get("load_ms"), "first_inference_ms": m.get("first_ms"),
             "peak_rss_bytes": m.get("peak_rss_bytes"), "measured_on": m.get("measured_on")
             or bench.get("not_measured", {}).get(art.name, "not measured"),

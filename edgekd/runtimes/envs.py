@@ -40,6 +40,10 @@ class EnvSpec:
     check: str  # Python run in the new environment; must exit 0
     platforms: tuple[tuple[str, str], ...]  # (platform.system(), platform.machine()) it can be built on
     description: str
+    # An overlay sees edgekd's own site-packages (torch, torchvision, timm, torchao) behind its own: only the
+    # packages that conflict with edgekd's pins or are missing there are installed (litert-torch: ~1 GB instead
+    # of a second 8 GB torch stack). Its key then also covers the host's torch version and site-packages path.
+    overlay_host: bool = False
 
 
 ENVS: dict[str, EnvSpec] = {
@@ -55,6 +59,24 @@ ENVS: dict[str, EnvSpec] = {
         platforms=(("Linux", "x86_64"),),
         description="onnxruntime + QNN execution provider with Qualcomm's HTP simulator (libQnnHtp.so)",
     ),
+    "litert-torch": EnvSpec(
+        name="litert-torch",
+        # Google's PyTorch -> TFLite converter. litert-torch 0.10.0 needs ai-edge-litert 2.3.x (onnx2tf 1.29.24 pins
+        # 2.1.0) and jax (numpy >= 2; TensorFlow 2.19 needs numpy < 2.2): it cannot live in edgekd's venv. Exact
+        # pins: the set pip resolved next to edgekd's torch 2.14.1 on Python 3.11, Linux x86_64.
+        requirements=("litert-torch==0.10.0", "ai-edge-litert==2.3.0", "ai-edge-quantizer==0.10.0",
+                      "litert-converter==0.5.0", "litert-lm-builder==0.18.1", "jax==0.10.2", "jaxlib==0.10.2",
+                      "jaxtyping==0.3.11", "numpy==2.4.6", "transformers==5.24.0", "tokenizers==0.23.3",
+                      "kagglehub==1.0.3", "kagglesdk==0.1.38", "xdsl==0.28.0", "lark==1.3.1",
+                      "sentencepiece==0.2.3", "pydantic==2.11.10", "pydantic_core==2.33.2",
+                      "typing_extensions==4.12.2", "typing-inspection==0.4.2", "regex==2026.11.19",
+                      "multipledispatch==1.0.0", "fire==0.7.1", "immutabledict==4.2.1", "ordered-set==4.1.0",
+                      "tabulate==0.10.0", "wadler_lindig==0.1.8", "anyio==4.14.2", "tomli==2.5.0"),
+        check="import torch, litert_torch, ai_edge_litert; from torchao.quantization.pt2e import quantize_pt2e",
+        platforms=(("Linux", "x86_64"), ("Linux", "aarch64"), ("Darwin", "arm64")),
+        description="litert-torch (PyTorch -> TFLite converter with a PT2E int8 quantizer) over edgekd's torch",
+        overlay_host=True,
+    ),
 }
 
 MARKER = "edgekd-env.json"
@@ -67,9 +89,21 @@ def env_root() -> Path:
     return cache / "edgekd" / "envs"
 
 
+def host_site_packages() -> str:
+    """edgekd's own site-packages (where torch is installed): what an overlay environment sees behind its own."""
+    import torch
+
+    return str(Path(torch.__file__).resolve().parent.parent)
+
+
 def env_key(spec: EnvSpec) -> str:
-    return sha256_json({"requirements": sorted(spec.requirements), "python": platform.python_version_tuple()[:2],
-                        "system": platform.system(), "machine": platform.machine()})[:12]
+    key = {"requirements": sorted(spec.requirements), "python": platform.python_version_tuple()[:2],
+           "system": platform.system(), "machine": platform.machine()}
+    if spec.overlay_host:
+        import torch
+
+        key["host"] = {"site_packages": host_site_packages(), "torch": torch.__version__}
+    return sha256_json(key)[:12]
 
 
 def env_dir(name: str) -> Path:
@@ -154,14 +188,23 @@ def _create(path: Path, spec: EnvSpec, log: Callable[[str], None]) -> dict:
         f"installs {len(spec.requirements)} pinned packages from the package index (about a minute)")
     try:
         _run([sys.executable, "-m", "venv", "--clear", str(tmp)], log, spec.name, "venv")
+        if spec.overlay_host:  # a path line: appended to sys.path after the environment's own site-packages
+            site = subprocess.run([str(_python(tmp)), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                  capture_output=True, text=True, check=True).stdout.strip()
+            (Path(site) / "zz-edgekd-host.pth").write_text(host_site_packages() + "\n")
         # The venv's scripts carry the temporary path; only bin/python is used, which resolves either way.
         req = tmp / "requirements.txt"
         req.write_text("\n".join(spec.requirements) + "\n")
+        # An overlay's pins are installed without dependency resolution: everything else comes from the host's
+        # site-packages, which pip must neither upgrade nor uninstall (the import check below proves the set).
         _run([str(_python(tmp)), "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
-              "--progress-bar", "off", "-r", str(req)], log, spec.name, "pip")
+              "--progress-bar", "off", *(["--no-deps"] if spec.overlay_host else []), "-r", str(req)],
+             log, spec.name, "pip")
         versions = json.loads(subprocess.run(
             [str(_python(tmp)), "-c", "import json, importlib.metadata as m; "
-             "print(json.dumps({d.metadata['Name'].lower(): d.version for d in m.distributions()}))"],
+             "v = {}\n"
+             "for d in m.distributions(): v.setdefault(d.metadata['Name'].lower(), d.version)\n"
+             "print(json.dumps(v))"],
             capture_output=True, text=True, check=True, env=worker_env()).stdout)
         check = subprocess.run([str(_python(tmp)), "-c", spec.check], capture_output=True, text=True, timeout=300,
                                env=worker_env())
@@ -179,7 +222,8 @@ def _create(path: Path, spec: EnvSpec, log: Callable[[str], None]) -> dict:
         raise
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
     log(f"runtime environment {spec.name}: ready in {info['create_seconds']:.0f} s ({size / 2**20:.0f} MiB): "
-        + ", ".join(f"{d} {versions.get(d)}" for d in ("onnxruntime", "onnxruntime-qnn", "numpy") if d in versions))
+        + ", ".join(f"{d} {versions.get(d)}" for d in ("onnxruntime", "onnxruntime-qnn", "litert-torch", "ai-edge-litert",
+                                                      "numpy") if d in versions))
     return info
 
 

@@ -18,6 +18,7 @@ class Artifact:
     path: Path  # absolute
     rel_path: str  # relative to the run dir
     stage: str
+    converter: dict | None = None  # TFLite files: the route that made it, versions, seconds, tried routes, ops
 
     @property
     def runtime(self) -> str:
@@ -29,5 +30,5 @@ def collect(ctx: StageContext) -> list[Artifact]:
     for stage in ARTIFACT_STAGES:
         for a in ctx.input_data(stage).get("artifacts", []):
             found.append(Artifact(a["name"], a["format"], a["precision"], ctx.input_path(stage, a["file"]),
-                                  ctx.inputs[stage].files[a["file"]], stage))
+                                  ctx.inputs[stage].files[a["file"]], stage, a.get("converter")))
     return found

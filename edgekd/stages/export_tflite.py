@@ -1,17 +1,19 @@
-"""export_tflite: TFLite fp32 from the float ONNX model (onnx2tf), parity-checked against ONNX; keeps onnx2tf's
-SavedModel for quantize_tflite, so an int8 conversion failure never costs the fp32 model."""
+"""export_tflite: TFLite fp32 of the student, through the routes `tflite.converter` names (auto: litert-torch, then
+onnx2tf); a route's file counts only when it loads in LiteRT without TensorFlow and matches the ONNX model. The
+onnx2tf route also keeps its SavedModel for quantize_tflite, so an int8 failure never costs the fp32 model."""
 
-import numpy as np
+import shutil
 
 from edgekd.errors import StageError
 from edgekd.pipeline.engine import Stage, StageContext
-from edgekd.runtimes.ort_runner import OrtRunner
-from edgekd.stages.common import load_splits, sample
+from edgekd.stages.common import load_splits, load_student
+from edgekd.stages.tflite_routes import ROUTES, check_fp32, describe_file, failure_line
 
 
 class ExportTFLiteStage(Stage):
     name = "export_tflite"
-    deps = ("data", "export_onnx")
+    deps = ("data", "teacher", "distill", "export_onnx")
+    optional_deps = ("prune",)  # the pruned student, when pruning is on
     description = "convert to TFLite fp32, check parity"
 
     def config(self, cfg):
@@ -21,24 +23,43 @@ class ExportTFLiteStage(Stage):
                            if k not in ("int8", "calibration_samples", "int8_min_agreement")}, "seed": cfg.seed}
 
     def run(self, ctx: StageContext) -> dict:
-        from edgekd.export.tflite import convert_onnx_to_tflite
-        from edgekd.runtimes.tflite_runner import TFLiteRunner, check_loads_without_tensorflow
-
         cfg = ctx.cfg.tflite
         splits = load_splits(ctx)
-        onnx_path = ctx.input_path("export_onnx", "student_fp32.onnx")
-        files = convert_onnx_to_tflite(onnx_path, ctx.out_dir, None, log=ctx.log,
-                                       saved_model_out=ctx.out_dir / "saved_model")
-        check_loads_without_tensorflow(files["fp32"], self.name)
-        x = sample(splits.x_val, cfg.parity_samples, ctx.cfg.seed)
-        ref = OrtRunner(onnx_path, threads=2).predict(x)
-        fp32 = TFLiteRunner(files["fp32"], num_threads=2).predict(x)
-        diff = float(np.abs(fp32 - ref).max())
-        agree = float((fp32.argmax(1) == ref.argmax(1)).mean())
-        ctx.log(f"student_fp32.tflite vs ONNX: max |diff| {diff:.2e}, top-1 agreement {agree:.4f}")
-        if diff > cfg.fp32_max_abs_diff:
-            raise StageError(self.name, f"student_fp32.tflite disagrees with the ONNX model: max |diff| {diff:.3g} > "
-                                        f"{cfg.fp32_max_abs_diff} (a silently wrong conversion)")
-        return {"fp32_parity": {"max_abs_diff": diff, "top1_agreement": agree, "samples": int(len(x))},
-                "artifacts": [{"name": "student_fp32.tflite", "file": files["fp32"].name, "format": "tflite",
-                               "precision": "fp32"}]}
+        out = ctx.out_dir / "student_fp32.tflite"
+        tried = []
+        for route in ROUTES[cfg.converter]:
+            try:
+                info = self._convert(route, ctx, splits, out)
+                parity = check_fp32(ctx, out, splits, self.name)
+            except StageError as exc:
+                tried.append({"converter": route, "error": exc.message})
+                ctx.log(f"student_fp32.tflite: {route} route failed: {exc.message}")
+                out.unlink(missing_ok=True)
+                shutil.rmtree(ctx.out_dir / "saved_model", ignore_errors=True)
+                continue
+            tried.append({"converter": route, "ok": True})
+            return {"fp32_parity": parity, "converter": info, "routes_tried": tried,
+                    "artifacts": [{"name": out.name, "file": out.name, "format": "tflite", "precision": "fp32",
+                                   "converter": {**info, "routes_tried": tried, **describe_file(out)}}]}
+        raise StageError(self.name, failure_line(out.name, tried))
+
+    def _convert(self, route: str, ctx: StageContext, splits, out) -> dict:
+        """One route's fp32 file at `out`; returns what made it {"converter", "versions", "seconds", ...}."""
+        if route == "litert-torch":
+            from edgekd.export.litert import convert_with_litert_torch
+
+            info = convert_with_litert_torch(load_student(ctx, splits), splits.input_shape, out, "fp32",
+                                             stage=self.name, log=ctx.log)
+        else:
+            import time
+
+            from edgekd.export.tflite import convert_onnx_to_tflite, onnx2tf_versions
+
+            t0 = time.perf_counter()
+            saved = ctx.out_dir / "saved_model"
+            shutil.rmtree(saved, ignore_errors=True)
+            convert_onnx_to_tflite(ctx.input_path("export_onnx", "student_fp32.onnx"), ctx.out_dir, None,
+                                   log=ctx.log, saved_model_out=saved)
+            info = {"converter": "onnx2tf", "versions": onnx2tf_versions(),
+                    "seconds": round(time.perf_counter() - t0, 2), "static_batch": None}
+        return info

@@ -1,17 +1,25 @@
-"""quantize_tflite: full-integer int8 TFLite from export_tflite's SavedModel (TF's converter, calibrated on training
-images), checked for top-1 agreement with the float ONNX model. A stage of its own, so its failure (an op TF's int8
-converter does not take, say) leaves the fp32 TFLite built, evaluated and benchmarked."""
+"""quantize_tflite: full-integer int8 TFLite (int8 input and output tensors) through the routes `tflite.converter`
+names (auto: litert-torch's PT2E quantizer, then TF's converter on onnx2tf's SavedModel), calibrated on training
+images; a route's file counts only when it loads in LiteRT without TensorFlow and agrees with the float ONNX model.
+A stage of its own, so its failure leaves the fp32 TFLite built, evaluated and benchmarked; it does not need the
+fp32 TFLite either (litert-torch converts the PyTorch student), so it runs when export_tflite failed."""
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
 
 from edgekd.errors import StageError
 from edgekd.pipeline.engine import Stage, StageContext
-from edgekd.runtimes.ort_runner import OrtRunner
-from edgekd.stages.common import load_splits, sample
+from edgekd.stages.common import load_splits, load_student, sample
+from edgekd.stages.tflite_routes import ROUTES, check_int8, describe_file, failure_line
 
 
 class QuantizeTFLiteStage(Stage):
     name = "quantize_tflite"
-    deps = ("data", "export_onnx", "export_tflite")
-    description = "int8 TFLite from the SavedModel, check agreement"
+    deps = ("data", "teacher", "distill", "export_onnx")
+    optional_deps = ("prune", "export_tflite")  # export_tflite: onnx2tf's SavedModel, when its route made the fp32
+    description = "int8 TFLite, check agreement"
 
     def config(self, cfg):
         if not (cfg.tflite.enabled and cfg.tflite.int8):
@@ -19,29 +27,45 @@ class QuantizeTFLiteStage(Stage):
         return {"tflite": cfg.section("tflite"), "seed": cfg.seed}
 
     def run(self, ctx: StageContext) -> dict:
-        import numpy as np
-
-        from edgekd.export.tflite import quantize_saved_model_int8
-        from edgekd.runtimes.tflite_runner import TFLiteRunner, check_loads_without_tensorflow
-
         cfg = ctx.cfg.tflite
         splits = load_splits(ctx)
-        saved_model = ctx.input_path("export_tflite", "saved_model/saved_model.pb").parent
         calib = sample(splits.x_train, cfg.calibration_samples, ctx.cfg.seed + 1)
-        out = quantize_saved_model_int8(saved_model, calib, ctx.out_dir / "student_int8.tflite", stage=self.name)
-        check_loads_without_tensorflow(out, self.name)
-        ctx.log(f"int8 (full-integer, {len(calib)} calibration samples) -> {out.name} "
+        out = ctx.out_dir / "student_int8.tflite"
+        tried = []
+        for route in ROUTES[cfg.converter]:
+            try:
+                info = self._convert(route, ctx, splits, calib, out)
+                parity = check_int8(ctx, out, splits, self.name)
+            except StageError as exc:
+                tried.append({"converter": route, "error": exc.message})
+                ctx.log(f"student_int8.tflite: {route} route failed: {exc.message}")
+                out.unlink(missing_ok=True)
+                continue
+            tried.append({"converter": route, "ok": True})
+            return {"int8_parity": parity, "calibration_samples": int(len(calib)), "converter": info,
+                    "routes_tried": tried,
+                    "artifacts": [{"name": out.name, "file": out.name, "format": "tflite", "precision": "int8",
+                                   "converter": {**info, "routes_tried": tried, **describe_file(out)}}]}
+        raise StageError(self.name, failure_line(out.name, tried))
+
+    def _convert(self, route: str, ctx: StageContext, splits, calib, out: Path) -> dict:
+        if route == "litert-torch":
+            from edgekd.export.litert import convert_with_litert_torch
+
+            return convert_with_litert_torch(load_student(ctx, splits), splits.input_shape, out, "int8", calib,
+                                             stage=self.name, log=ctx.log)
+        from edgekd.export.tflite import convert_onnx_to_tflite, onnx2tf_versions, quantize_saved_model_int8
+
+        t0 = time.perf_counter()
+        if ctx.has_input("export_tflite", "saved_model/saved_model.pb"):  # onnx2tf made the fp32: reuse its graph
+            saved_model = ctx.input_path("export_tflite", "saved_model/saved_model.pb").parent
+            quantize_saved_model_int8(saved_model, calib, out, stage=self.name)
+        else:  # the fp32 came from litert-torch (or failed): onnx2tf converts here, its fp32 file is dropped
+            with tempfile.TemporaryDirectory(prefix="edgekd_onnx2tf_") as tmp:
+                files = convert_onnx_to_tflite(ctx.input_path("export_onnx", "student_fp32.onnx"), Path(tmp), calib,
+                                               log=ctx.log)
+                shutil.copyfile(files["int8"], out)
+        ctx.log(f"onnx2tf + TF converter int8 ({len(calib)} calibration samples) -> {out.name} "
                 f"({out.stat().st_size / 1024:.1f} KiB)")
-        x = sample(splits.x_val, cfg.parity_samples, ctx.cfg.seed)
-        ref = OrtRunner(ctx.input_path("export_onnx", "student_fp32.onnx"), threads=2).predict(x)
-        q = TFLiteRunner(out, num_threads=2).predict(x)
-        agree = float((q.argmax(1) == ref.argmax(1)).mean())
-        ctx.log(f"student_int8.tflite vs ONNX fp32: top-1 agreement {agree:.4f}")
-        if agree < cfg.int8_min_agreement:
-            raise StageError(self.name, f"student_int8.tflite agrees with the ONNX fp32 model on only {agree:.3f} "
-                                        f"of inputs (< tflite.int8_min_agreement {cfg.int8_min_agreement})")
-        return {"int8_parity": {"top1_agreement": agree, "max_abs_diff": float(np.abs(q - ref).max()),
-                                "samples": int(len(x))},
-                "calibration_samples": int(len(calib)),
-                "artifacts": [{"name": "student_int8.tflite", "file": out.name, "format": "tflite",
-                               "precision": "int8"}]}
+        return {"converter": "onnx2tf", "versions": onnx2tf_versions(),
+                "seconds": round(time.perf_counter() - t0, 2), "static_batch": None}

@@ -6,7 +6,8 @@ convolution where the channel counts differ (identity where they match), and the
 resized where the spatial sizes differ. The squared error is averaged over batch and elements instead of summed
 (so the weight does not depend on the layer's size); the pipeline weight absorbs the constant 1/2.
 
-Feature maps are (N, C, H, W); a dense layer's output (N, C) is treated as (N, C, 1, 1).
+Feature maps are (N, C, H, W); a dense layer's output (N, C) is treated as (N, C, 1, 1), and a transformer's
+tokens (N, T, C) as their (N, C, g, g) patch grid (a leading class token dropped).
 """
 
 from __future__ import annotations
@@ -17,11 +18,21 @@ from torch import nn
 
 
 def as_map(f: torch.Tensor) -> torch.Tensor:
-    """(N, C) -> (N, C, 1, 1); (N, C, H, W) unchanged; anything else is refused."""
+    """(N, C) -> (N, C, 1, 1); (N, C, H, W) unchanged; a transformer's tokens (N, T, C) -> (N, C, g, g) when T is
+    g*g patch tokens, or 1 + g*g (the leading class token dropped); anything else is refused."""
     if f.dim() == 2:
         return f[:, :, None, None]
+    if f.dim() == 3:
+        n, t, c = f.shape
+        for skip in (0, 1):
+            g = int(round((t - skip) ** 0.5))
+            if t - skip >= 1 and g * g == t - skip:
+                return f[:, skip:, :].transpose(1, 2).reshape(n, c, g, g)
+        raise ValueError(f"feature KD: tokens of shape {tuple(f.shape)} do not form a square patch grid "
+                         f"(T = g*g or 1 + g*g)")
     if f.dim() != 4:
-        raise ValueError(f"feature KD needs (N, C, H, W) or (N, C) features, got shape {tuple(f.shape)}")
+        raise ValueError(f"feature KD needs (N, C, H, W), (N, C) or (N, T, C) token features, got shape "
+                         f"{tuple(f.shape)}")
     return f
 
 
@@ -40,6 +51,11 @@ def hint_loss(student_map: torch.Tensor, teacher_map: torch.Tensor) -> torch.Ten
     return (student_map - teacher_map).pow(2).mean()
 
 
+def _channels(shape: tuple[int, ...]) -> int:
+    """Channels of a feature shape without the batch dimension: C of (C,), (C, H, W); the last of tokens (T, C)."""
+    return shape[-1] if len(shape) == 2 else shape[0]
+
+
 class FeatureKD(nn.Module):
     """FitNets hints on several (teacher layer, student layer) pairs -> {"loss": sum of the per-pair hint losses}.
 
@@ -52,7 +68,7 @@ class FeatureKD(nn.Module):
         super().__init__()
         adapters = []
         for s_shape, t_shape in shapes:
-            cs, ct = s_shape[0], t_shape[0]
+            cs, ct = _channels(s_shape), _channels(t_shape)
             adapters.append(nn.Conv2d(cs, ct, kernel_size=1, bias=False) if cs != ct else nn.Identity())
         self.adapters = nn.ModuleList(adapters)
 

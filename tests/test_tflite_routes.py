@@ -53,7 +53,7 @@ def test_auto_falls_back_to_onnx2tf_when_litert_torch_cannot_run(digits_copy, tm
     auto records it and ships onnx2tf's files, with the dynamic batch that route keeps."""
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("x")
-    pipe = write_pipeline(tmp_path / "p.yaml", tflite={"converter": "auto", "calibration_samples": 100})
+    pipe = write_pipeline(tmp_path / "p.yaml", tflite={"converter": "auto", "parity_samples": 100})  # a new key: both stages run
     proc = run_cli("build", "--target", "x86-64", "--pipeline", pipe, "--run-dir", digits_copy,
                    env={"EDGEKD_ENV_DIR": str(blocker / "envs")})
     assert proc.returncode == 0, proc.stderr[-2000:]

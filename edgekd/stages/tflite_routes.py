@@ -19,7 +19,7 @@ ROUTES: dict[str, tuple[str, ...]] = {"auto": ("litert-torch", "onnx2tf"), "lite
                                       "onnx2tf": ("onnx2tf",)}
 
 
-def _reference(ctx: StageContext, splits, stage: str) -> tuple[np.ndarray, np.ndarray]:
+def _reference(ctx: StageContext, splits) -> tuple[np.ndarray, np.ndarray]:
     """(validation images, float ONNX logits on them): what every TFLite file is compared with."""
     from edgekd.runtimes.ort_runner import OrtRunner
 
@@ -37,7 +37,7 @@ def _run(path: Path, x: np.ndarray, stage: str) -> np.ndarray:
 def check_fp32(ctx: StageContext, path: Path, splits, stage: str) -> dict:
     """Parity of an fp32 file with the float ONNX model; raises StageError beyond tflite.fp32_max_abs_diff."""
     cfg = ctx.cfg.tflite
-    x, ref = _reference(ctx, splits, stage)
+    x, ref = _reference(ctx, splits)
     got = _run(path, x, stage)
     diff = float(np.abs(got - ref).max())
     span = float(ref.max() - ref.min()) or 1.0
@@ -54,7 +54,7 @@ def check_fp32(ctx: StageContext, path: Path, splits, stage: str) -> dict:
 def check_int8(ctx: StageContext, path: Path, splits, stage: str) -> dict:
     """Top-1 agreement of an int8 file with the float ONNX model; raises below tflite.int8_min_agreement."""
     cfg = ctx.cfg.tflite
-    x, ref = _reference(ctx, splits, stage)
+    x, ref = _reference(ctx, splits)
     got = _run(path, x, stage)
     agree = float((got.argmax(1) == ref.argmax(1)).mean())
     span = float(ref.max() - ref.min()) or 1.0

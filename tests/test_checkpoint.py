@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from torch import nn
 
 from edgekd.errors import CheckpointError
 from edgekd.models.checkpoint import load_into, load_state_dict
@@ -60,3 +61,22 @@ def test_truncated_and_garbage_files(tmp_path):
         load_state_dict(junk)
     with pytest.raises(CheckpointError, match="not found"):
         load_state_dict(tmp_path / "missing.pt")
+
+
+def test_module_versions_survive_save_and_load(tmp_path):
+    """torchvision's MNASNet refuses a state dict without `_metadata` ("version should be set to 1 or 2"): edgekd's
+    own checkpoints keep it, and a user's plain dict of tensors gets the model's versions when loaded."""
+    torchvision = pytest.importorskip("torchvision")
+    from edgekd.stages.common import save_state_dict
+
+    path = tmp_path / "mnasnet.pt"
+    save_state_dict(torchvision.models.mnasnet0_5(num_classes=10), path)
+    state = torch.load(path, weights_only=True)
+    torchvision.models.mnasnet0_5(num_classes=10).load_state_dict(state)
+
+    plain = {k: v for k, v in state.items()}  # what a user's dict comprehension or safetensors-style file holds
+    with pytest.raises(ValueError, match="version"):
+        torchvision.models.mnasnet0_5(num_classes=10).load_state_dict(plain)
+    wrapped = nn.Sequential(nn.Identity(), torchvision.models.mnasnet0_5(num_classes=10))
+    load_into(wrapped, plain, path, "torchvision:mnasnet0_5")  # keys gain the "1." prefix, versions come along
+    assert torch.equal(wrapped[1].classifier[1].weight, state["classifier.1.weight"])

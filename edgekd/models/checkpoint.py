@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -45,8 +46,11 @@ def _load_pickle(path: Path):
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path, arch: str) -> None:
     """Load `state` into `model`, accepting keys with or without the Normalize prefix ("1." body)."""
+    original = state
     own = model.state_dict()
+    prefix = ""
     if not any(k in own for k in state) and all(("1." + k) in own for k in state):
+        prefix = "1."
         state = {"1." + k: v for k, v in state.items()}
     # A state dict saved without the Normalize layer keeps the pipeline's normalization buffers.
     for k in ("0.mean", "0.std"):
@@ -65,7 +69,25 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path
             parts.append("shape mismatch at " + _few([f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
                                                       for k in shape_bad]))
         raise CheckpointError(f"{path}: not a state dict for architecture {arch!r}: " + "; ".join(parts))
-    model.load_state_dict(state)
+    model.load_state_dict(with_version_metadata(state, own, getattr(original, "_metadata", None), prefix))
+
+
+def with_version_metadata(state: dict, own: dict, saved: dict | None = None, prefix: str = "") -> OrderedDict:
+    """`state` as an OrderedDict carrying `_metadata` (per-module `version` numbers), which some modules' loaders
+    require: torchvision's MNASNet refuses a state dict without it. The checkpoint's own versions win (remapped under
+    `prefix`); modules it does not describe get the running model's versions."""
+    out = OrderedDict(state)
+    meta = OrderedDict(getattr(own, "_metadata", None) or {})
+    for name, value in (saved or {}).items():
+        meta[(prefix + name) if name else prefix.rstrip(".")] = value
+    out._metadata = meta  # type: ignore[attr-defined]
+    return out
+
+
+def detached_state_dict(model: nn.Module) -> OrderedDict:
+    """A copy of `model.state_dict()` that keeps `_metadata`, ready for torch.save (and weights_only loading)."""
+    own = model.state_dict()
+    return with_version_metadata({k: v.detach().clone() for k, v in own.items()}, own)
 
 
 def _few(items: list[str], n: int = 3) -> str:

@@ -12,6 +12,7 @@ from edgekd.compress.pruning import load_pruned
 from edgekd.config import check_normalize_channels
 from edgekd.data.datasets import Splits
 from edgekd.distill.teachers import BatchTeacher, input_shape_for, teacher_for_eval
+from edgekd.models.checkpoint import detached_state_dict
 from edgekd.models.zoo import model_from_config
 from edgekd.pipeline.engine import StageContext
 
@@ -76,4 +77,4 @@ def sample(x: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 
 def save_state_dict(model: torch.nn.Module, path) -> None:
-    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, path)
+    torch.save(detached_state_dict(model), path)  # keeps module versions: torchvision's MNASNet needs them

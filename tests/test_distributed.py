@@ -23,7 +23,7 @@ from torch import nn
 
 from conftest import DIGITS, REPO, build_until_checkpoint, read_report, run_cli, stage_statuses, write_pipeline
 from edgekd.config import TrainConfig
-from edgekd.distill.trainer import KDSettings, predict_logits, predict_logits_shared, train
+from edgekd.distill.trainer import KDSettings, accuracy, predict_logits, predict_logits_shared, train
 
 
 def _digits_arrays():
@@ -96,6 +96,57 @@ def test_two_ranks_take_the_same_steps_as_one_process(tmp_path):
     assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["checkpoint.pt"]
     ckpt = torch.load(tmp_path / "work" / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 2
+
+
+def _rgb_arrays():
+    """3x32x32 images whose class is the dominant colour (3 classes): 240 train, 60 validation."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    x = rng.uniform(0.0, 0.4, (300, 3, 32, 32)).astype(np.float32)
+    x[np.arange(300), y] += 0.5
+    return x[:240], y[:240].astype(np.int64), x[240:], y[240:].astype(np.int64)
+
+
+def _real_arch() -> nn.Module:
+    """torchvision's MobileNetV3-Small: BatchNorm everywhere, squeeze-excitation, hardswish, dropout."""
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.mobilenet_v3_small(num_classes=3, width_mult=0.25)
+
+
+def _bn_rank_main(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from edgekd import distributed
+
+    w = distributed.init_from_env()
+    x, y, xv, yv = _rgb_arrays()
+    model = _real_arch()
+    cfg = TrainConfig(epochs=2, batch_size=32, lr=0.003)
+    result = train(model, cfg, x, y, xv, yv, seed=0, work_dir=Path(out_dir) / "work", log=lambda m: None)
+    torch.save({"state": {k: v.clone() for k, v in model.state_dict().items()}, "history": result.history},
+               Path(out_dir) / f"bn_rank{rank}.pt")
+    distributed.leave_together(w)
+
+
+def test_batchnorm_model_is_one_model_on_every_rank(tmp_path):
+    """DDP on a real architecture. Each rank's BatchNorm sees only its half of every batch (SyncBatchNorm needs a GPU),
+    so the running statistics drift apart between ranks; the trainer averages them over the ranks after every epoch.
+    Else the validation accuracy (and a teacher's cached logits, both computed split among the ranks) would come from a
+    mix of models, none of them the one rank 0 saves."""
+    pytest.importorskip("torchvision")
+    mp.spawn(_bn_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"bn_rank{r}.pt", weights_only=True) for r in range(2)]
+    buffers = [k for k in ranks[0]["state"] if "running_" in k]
+    assert len(buffers) > 40
+    for name, value in ranks[0]["state"].items():
+        assert torch.equal(ranks[1]["state"][name], value), name  # parameters and statistics alike
+    # What the ranks logged is what the saved model scores, evaluated alone in one process.
+    model = _real_arch()
+    model.load_state_dict(ranks[0]["state"])
+    _, _, xv, yv = _rgb_arrays()
+    assert ranks[0]["history"][-1]["val_accuracy"] == accuracy(predict_logits(model, xv), yv)
 
 
 def _tree(run_dir: Path) -> dict[str, float]:

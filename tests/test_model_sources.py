@@ -288,6 +288,35 @@ def test_build_with_torchvision_teacher_and_timm_student(tmp_path):
 
 
 @pytest.mark.slow
+def test_two_process_build_of_real_architectures(tmp_path):
+    """DDP on real architectures, end to end: `--nproc 2` trains a torchvision teacher and distils a timm student
+    (BatchNorm in both; SyncBatchNorm needs a GPU). The teacher's cached training logits, computed split among the
+    ranks, are exactly what the saved teacher.pt computes in one process: one model on every rank."""
+    from edgekd.data.datasets import Splits
+    from edgekd.distill.trainer import predict_logits
+    from edgekd.models.zoo import model_from_config
+
+    # mobilenet_v2: BatchNorm momentum 0.1 (mobilenet_v3's 0.01 would hide the ranks' drift in 6 steps)
+    pipeline = _small_build(tmp_path, teacher={"arch": "torchvision:mobilenet_v2", "args": {"width_mult": 0.25},
+                                               "train": {"epochs": 2, "batch_size": 32}},
+                            student={"arch": "timm:test_efficientnet"})
+    run = tmp_path / "run"
+    proc = run_cli("build", "--pipeline", pipeline, "--run-dir", run, "--target", "x86-64", "--nproc", "2",
+                   env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "training on 2 processes" in proc.stdout
+    r = read_report(run)
+    assert {a["name"] for a in r["artifacts"]} == {"student_fp32.onnx", "student_int8.onnx", "student_fp32.tflite",
+                                                   "student_int8.tflite"}
+    cfg = load_pipeline(pipeline)
+    splits = Splits.load(run / "stages" / "data" / "splits.npz")
+    teacher = model_from_config(cfg.teacher, splits.input_shape, splits.num_classes)
+    teacher.load_state_dict(torch.load(run / "stages" / "teacher" / "teacher.pt", weights_only=True))
+    np.testing.assert_allclose(np.load(run / "stages" / "teacher" / "train_logits.npy"),
+                               predict_logits(teacher.eval(), splits.x_train), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_build_with_onnx_teacher_and_a_student_from_the_users_file(user_dir, tmp_path):
     _onnx_file(user_dir / "teacher.onnx", _reference_model(3)[1])
     pipeline = _small_build(user_dir, teacher={"onnx": "teacher.onnx", "normalize": {"mean": 0.3, "std": 0.3}},

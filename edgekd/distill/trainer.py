@@ -259,6 +259,8 @@ def train(model: nn.Module, cfg: TrainConfig, x_train: np.ndarray, y_train: np.n
             names = sorted(sums)
             totals = w.sum([sums[k] for k in names] + [float(n_seen)])
             sums, n_seen = dict(zip(names, totals[:-1])), int(totals[-1])
+        if w.is_distributed:  # one model on every rank before it is evaluated (split among them) or saved
+            _sync_buffers(model)
         val_acc = accuracy(predict_logits_shared(model, x_val, w), y_val)  # split among the ranks
         row = {"epoch": epoch + 1, **{k: v / max(1, n_seen) for k, v in sums.items()}, "val_accuracy": val_acc,
                "lr": scheduler.get_last_lr()[0]}
@@ -277,6 +279,27 @@ def train(model: nn.Module, cfg: TrainConfig, x_train: np.ndarray, y_train: np.n
     for p in extra_params:
         p.data = p.data.to("cpu")
     return result
+
+
+def _sync_buffers(model: nn.Module) -> None:
+    """Make every rank's buffers rank-independent. DDP broadcasts rank 0's buffers before each forward, but each
+    rank's BatchNorm then updates its running statistics from its own part of the batch (SyncBatchNorm needs a GPU),
+    so after the last step the ranks hold different models. BatchNorm statistics are averaged over the ranks (every
+    rank's rows count, as in one process); any other buffer (QAT observers, counters) is taken from rank 0."""
+    import torch.distributed as dist
+
+    size = dist.get_world_size()
+    averaged = set()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            for b in (module.running_mean, module.running_var):
+                if b is not None:
+                    dist.all_reduce(b.data)
+                    b.data /= size
+                    averaged.add(id(b))
+    for b in model.buffers():
+        if id(b) not in averaged:
+            dist.broadcast(b.data, src=0)
 
 
 def _average_gradients(params: list, world_size: int) -> None:

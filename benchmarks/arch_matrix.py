@@ -1,9 +1,10 @@
 """The architecture matrix: real torchvision / timm students through edgekd's pipeline, both TFLite routes side by side.
 
 For each architecture the real CLI builds a small pipeline (`edgekd build`, one process per build): Fashion-MNIST
-as RGB at SIZE x SIZE (the first 512 training and 256 test images, grey repeated to 3 channels, upscaled: a test of
-the path, not of accuracy), a small built-in CNN teacher (1 epoch), the architecture as the student (logit KD,
-1 epoch: trained weights with real BatchNorm statistics), ONNX fp32 + int8 QDQ, then TFLite fp32 + int8 once per
+as RGB at SIZE x SIZE (the first 512 training (--train-images) and 256 test images, grey repeated to 3 channels,
+upscaled: with --epochs 1 a test of the path, not of accuracy), a small built-in CNN teacher, the architecture as
+the student (logit KD; --epochs for both, default 1: real BatchNorm statistics but near-chance accuracy, so int8
+agreement needs more epochs and images to mean something), ONNX fp32 + int8 QDQ, then TFLite fp32 + int8 once per
 route (`tflite.converter: litert-torch`, then `onnx2tf`, in one run dir: the second build reuses every stage before
 the TFLite ones from the stage store), evaluate on the host, benchmark at 1 thread (a profile copied from x86-64 with
 threads: 1; host latency, not a device's).
@@ -165,8 +166,8 @@ def stage_data(run_dir: Path, stage: str) -> dict:
 
 
 def run_arch(arch: str, args: dict, out: Path, size: int, routes=ROUTES, timeout: int = 3600,
-             epochs: int = 1) -> list[dict]:
-    data = write_data(out / "fashion-mnist-512.npz")
+             epochs: int = 1, train_images: int = 512) -> list[dict]:
+    data = write_data(out / f"fashion-mnist-{train_images}.npz", train=train_images)
     profile = write_profile(out / "x86-64-1thread.yaml")
     run_dir = out / arch.replace(":", "-")
     rows = []
@@ -189,7 +190,7 @@ def run_arch(arch: str, args: dict, out: Path, size: int, routes=ROUTES, timeout
                 agree = q.get("fp32_agreement")
                 row["parity"] = f"top-1 {agree:.3f}" if isinstance(agree, float) else None
         for row in got:
-            row["build_seconds"] = round(seconds, 1)
+            row.update(build_seconds=round(seconds, 1), epochs=epochs, train_images=train_images)
         rows += got
     return rows
 
@@ -218,6 +219,9 @@ def main() -> int:
     ap.add_argument("--routes", default=",".join(ROUTES))
     ap.add_argument("--markdown", default="", help="also write the table to this file")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per build")
+    ap.add_argument("--epochs", type=int, default=1, help="teacher and student epochs (1: a test of the path)")
+    ap.add_argument("--train-images", type=int, default=512,
+                    help="Fashion-MNIST training images (more, with --epochs, for int8 agreement on trained weights)")
     a = ap.parse_args()
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -230,7 +234,7 @@ def main() -> int:
     results = out / "rows.jsonl"
     for arch, args in archs:
         t0 = time.perf_counter()
-        rows = run_arch(arch, args, out, a.size, routes, a.timeout)
+        rows = run_arch(arch, args, out, a.size, routes, a.timeout, a.epochs, a.train_images)
         all_rows += rows
         with results.open("a") as f:
             for r in rows:

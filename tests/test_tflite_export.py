@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -163,6 +164,18 @@ def test_runner_batch_sizes(exported, kind, batch):
         assert raw.dtype == np.int8
     else:
         np.testing.assert_allclose(raw, full[:batch], atol=tol)
+
+
+def test_loading_keeps_stderr_quiet(exported):
+    """LiteRT's "INFO: Created TensorFlow Lite XNNPACK delegate" banner is kept off stderr (where edgekd's errors are
+    one line); the runner still loads with XNNPACK. A fresh process: the banner is printed once per process."""
+    code = ("import sys; import numpy as np; from edgekd.runtimes.tflite_runner import TFLiteRunner; "
+            "r = TFLiteRunner(sys.argv[1]); r.predict(np.zeros((2, 1, 8, 8), np.float32)); "
+            "print('after', file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", code, str(exported["paths"]["int8"])], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "after\n"  # nothing else: no banner; what the program itself writes still shows
 
 
 def test_static_rgb_batch1_converts_offline(tmp_path):

@@ -1,16 +1,21 @@
 """Run a .tflite classifier with ai_edge_litert (no TensorFlow import).
 
-Models produced by `edgekd.export.tflite` take NHWC input (onnx2tf's layout) and output logits (N, classes);
-int8 models have int8 input and output tensors with (scale, zero_point) quantization. The runner takes NCHW
-float32 in [0,1] like every other edgekd runtime and hides layout, dtype and batch handling.
+Models produced by edgekd's TFLite routes take NHWC input and output logits (N, classes); int8 models have int8
+input and output tensors with (scale, zero_point) quantization. The runner takes NCHW float32 in [0,1] like every
+other edgekd runtime and hides layout, dtype and batch handling.
 
-Batch handling: onnx2tf/TFLite keep the batch dim dynamic (shape_signature[0] == -1). For such models the
-runner resizes the input tensor to the requested chunk size (resize_tensor_input + allocate_tensors, only when the
-size changes). A fixed-batch model (shape_signature[0] == B) is run in chunks of B, padding the last chunk.
+Batch handling: onnx2tf's files keep the batch dim dynamic (shape_signature[0] == -1); the runner resizes the input
+tensor to the requested chunk size (resize_tensor_input + allocate_tensors, only when the size changes).
+litert-torch's files have a fixed batch (shape_signature[0] == B, B = 1): they run in chunks of B, the last padded.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +32,9 @@ class TFLiteRunner:
         self.path = Path(path)
         self.num_threads = int(num_threads)
         try:
-            self._interp = Interpreter(model_path=str(self.path), num_threads=self.num_threads)
-            self._interp.allocate_tensors()
+            with _without_litert_banner():
+                self._interp = Interpreter(model_path=str(self.path), num_threads=self.num_threads)
+                self._interp.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             raise StageError("tflite_runtime", f"cannot load {self.path.name}: {first_line(exc)}") from None
 
@@ -140,6 +146,37 @@ class TFLiteRunner:
             y = self.run_raw(xin)
             outs.append(self._dequantize_output(y[:m]))
         return np.concatenate(outs, axis=0)
+
+
+_BANNER = "INFO: Created TensorFlow Lite XNNPACK delegate"
+
+
+@contextlib.contextmanager
+def _without_litert_banner():
+    """LiteRT's C++ core prints "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." on file descriptor 2 when
+    an interpreter is made: noise in a command whose errors are one line on stderr. Whatever else it prints there
+    (a real warning or error) is passed on."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, ValueError, io.UnsupportedOperation):  # stderr replaced by a stream without a descriptor
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), fd)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            captured.seek(0)
+            rest = [ln for ln in captured.read().decode(errors="replace").splitlines(keepends=True)
+                    if not ln.startswith(_BANNER)]
+            if rest:
+                sys.stderr.write("".join(rest))
+                sys.stderr.flush()
 
 
 def check_loads_without_tensorflow(path: str | Path, stage: str) -> None:

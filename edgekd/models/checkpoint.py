@@ -46,7 +46,7 @@ def _load_pickle(path: Path):
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path, arch: str) -> None:
     """Load `state` into `model`, accepting keys with or without the Normalize prefix ("1." body)."""
-    original = state
+    saved_versions = getattr(state, "_metadata", None)  # the dict comprehensions below drop it
     own = model.state_dict()
     prefix = ""
     if not any(k in own for k in state) and all(("1." + k) in own for k in state):
@@ -69,7 +69,7 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path
             parts.append("shape mismatch at " + _few([f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
                                                       for k in shape_bad]))
         raise CheckpointError(f"{path}: not a state dict for architecture {arch!r}: " + "; ".join(parts))
-    model.load_state_dict(with_version_metadata(state, own, getattr(original, "_metadata", None), prefix))
+    model.load_state_dict(with_version_metadata(state, own, saved_versions, prefix))
 
 
 def with_version_metadata(state: dict, own: dict, saved: dict | None = None, prefix: str = "") -> OrderedDict:

@@ -81,7 +81,7 @@ def write_profile(path: Path) -> Path:
     return path
 
 
-def pipeline(arch: str, args: dict, data: Path, size: int, route: str, epochs: int = 1) -> dict:
+def pipeline(arch: str, args: dict, data: Path, size: int, route: str, epochs: int = 1, samples: int = 64) -> dict:
     args = {k: (size if v == "SIZE" else v) for k, v in args.items()}
     return {
         "name": "arch-" + arch.replace(":", "-").replace("_", "-"),
@@ -93,8 +93,8 @@ def pipeline(arch: str, args: dict, data: Path, size: int, route: str, epochs: i
                     "train": {"epochs": epochs, "batch_size": 32, "lr": 0.002}},
         "student": {"arch": arch, "args": args, "normalize": {"mean": [0.286] * 3, "std": [0.353] * 3}},
         "distill": {"epochs": epochs, "batch_size": 32, "lr": 0.002, "alpha": 0.7, "temperature": 4.0},
-        "quantize": {"calibration_samples": 64},
-        "tflite": {"converter": route, "calibration_samples": 64, "parity_samples": 64,
+        "quantize": {"calibration_samples": samples},
+        "tflite": {"converter": route, "calibration_samples": samples, "parity_samples": samples,
                    # 1 epoch leaves most logits close together: agreement is measured and printed, not gated here
                    "int8_min_agreement": 0.0},
         "evaluate": {"emulate": False},
@@ -166,13 +166,14 @@ def stage_data(run_dir: Path, stage: str) -> dict:
 
 
 def run_arch(arch: str, args: dict, out: Path, size: int, routes=ROUTES, timeout: int = 3600,
-             epochs: int = 1, train_images: int = 512) -> list[dict]:
+             epochs: int = 1, train_images: int = 512, samples: int = 64) -> list[dict]:
     data = write_data(out / f"fashion-mnist-{train_images}.npz", train=train_images)
     profile = write_profile(out / "x86-64-1thread.yaml")
     run_dir = out / arch.replace(":", "-")
     rows = []
     for route in routes:
-        report, seconds, err = build(run_dir, pipeline(arch, args, data, size, route, epochs), profile, timeout)
+        pipe = pipeline(arch, args, data, size, route, epochs, samples)
+        report, seconds, err = build(run_dir, pipe, profile, timeout)
         got = rows_of(arch, route, report, err)
         fp32, int8 = stage_data(run_dir, "export_tflite"), stage_data(run_dir, "quantize_tflite")
         onnx, q = stage_data(run_dir, "export_onnx"), stage_data(run_dir, "quantize")
@@ -190,7 +191,8 @@ def run_arch(arch: str, args: dict, out: Path, size: int, routes=ROUTES, timeout
                 agree = q.get("fp32_agreement")
                 row["parity"] = f"top-1 {agree:.3f}" if isinstance(agree, float) else None
         for row in got:
-            row.update(build_seconds=round(seconds, 1), epochs=epochs, train_images=train_images)
+            row.update(build_seconds=round(seconds, 1), epochs=epochs, train_images=train_images,
+                       calibration_and_parity_samples=samples)
         rows += got
     return rows
 
@@ -222,6 +224,8 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=1, help="teacher and student epochs (1: a test of the path)")
     ap.add_argument("--train-images", type=int, default=512,
                     help="Fashion-MNIST training images (more, with --epochs, for int8 agreement on trained weights)")
+    ap.add_argument("--samples", type=int, default=64,
+                    help="calibration and parity images (pipelines default to 256; 64 keeps the path test quick)")
     a = ap.parse_args()
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -234,7 +238,8 @@ def main() -> int:
     results = out / "rows.jsonl"
     for arch, args in archs:
         t0 = time.perf_counter()
-        rows = run_arch(arch, args, out, a.size, routes, a.timeout, a.epochs, a.train_images)
+        rows = run_arch(arch, args, out, a.size, routes, a.timeout, a.epochs, a.train_images,
+                        a.samples)
         all_rows += rows
         with results.open("a") as f:
             for r in rows:

@@ -322,9 +322,10 @@ class QuantizeConfig:
 class TFLiteConfig:
     enabled: bool = True
     int8: bool = True
-    # Which PyTorch -> TFLite route makes each file. auto: litert-torch (PyTorch directly, static batch 1), then
-    # onnx2tf (ONNX -> TF SavedModel -> TF converter, dynamic batch) if litert-torch fails or its file does not load
-    # in LiteRT or fails parity. Measured on 14 architectures: README "Choosing the TFLite converter".
+    # Which PyTorch -> TFLite route makes each file: litert-torch (PyTorch directly, static batch 1) or onnx2tf
+    # (ONNX -> TF SavedModel -> TF converter, dynamic batch). auto tries both, the second when the first fails, its
+    # file does not load in LiteRT or fails parity; litert-torch first for torchvision/timm/your own models, onnx2tf
+    # first for edgekd's built-in CNNs. Measured: README "Choosing the TFLite converter".
     converter: Literal["auto", "litert-torch", "onnx2tf"] = "auto"
     calibration_samples: int = 256
     parity_samples: int = 256

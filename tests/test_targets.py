@@ -448,3 +448,42 @@ def test_qnn_placement_catches_an_op_the_htp_does_not_take(qnn_env, tmp_path):
     gate = _gate(accel)
     check = next(c for c in gate["checks"] if c["name"] == "accelerator_placement[erf_model.onnx]")
     assert gate["passed"] is False and not check["passed"] and "Erf x1" in check["note"]
+
+
+@pytest.mark.parametrize("profile, depends", [("android-arm64", False), ("android-npu-qnn", False),
+                                              ("x86-64", True)])
+def test_int8_cache_key_depends_on_the_hosts_vnni_only_where_it_decides_the_scheme(monkeypatch, profile, depends):
+    """An ARM/NPU profile names its activation type: its int8 ONNX model is the same on any host, so moving a run dir
+    to a machine without VNNI must not re-quantize (and re-judge) it. x86-64's 'auto' does follow the host."""
+    from edgekd.config import load_pipeline
+    from edgekd.quantize import ptq
+    from edgekd.stages.qat import QATStage
+    from edgekd.stages.quantize import QuantizeStage
+
+    cfg, target = load_pipeline(DIGITS), load_profile(profile)
+    for stage in (QuantizeStage(), QATStage()):
+        keys = []
+        for vnni in (True, False):
+            monkeypatch.setattr(ptq, "has_vnni", lambda v=vnni: v)
+            keys.append(stage.extra_key(cfg, target))
+        assert (keys[0] != keys[1]) is depends, (stage.name, keys)
+
+
+@pytest.mark.parametrize("profile, vnni, warned", [("android-arm64", False, True), ("android-arm64", True, False),
+                                                   ("x86-64", False, False)])
+def test_host_int8_accuracy_for_an_arm_target_is_flagged_on_a_host_without_vnni(monkeypatch, profile, vnni, warned):
+    """With evaluate.emulate off, an ARM target's int8 ONNX accuracy is the host's; on x86 without VNNI that figure
+    is not the phone's (S8S8 saturation), and the report says so beside it."""
+    import platform
+    from types import SimpleNamespace
+
+    from edgekd.config import load_pipeline
+    from edgekd.quantize import ptq
+    from edgekd.stages.evaluate import _host_arithmetic_caveat
+
+    monkeypatch.setattr(ptq, "has_vnni", lambda: vnni)
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    caveat = _host_arithmetic_caveat(SimpleNamespace(cfg=load_pipeline(DIGITS), target=load_profile(profile)))
+    assert (caveat is not None) is warned
+    if warned:
+        assert "without VNNI" in caveat and "cortex" in caveat.lower() and "evaluate.emulate" in caveat

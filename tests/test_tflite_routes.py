@@ -15,28 +15,66 @@ def _tflite_arts(report: dict) -> dict:
     return {a["name"]: a for a in report["artifacts"] if a["format"] == "tflite"}
 
 
-def test_default_route_is_litert_torch_with_its_versions_ops_and_static_batch(digits_run):
+def test_auto_converts_a_builtin_student_with_onnx2tf_first(digits_run):
+    """auto's order for edgekd's own CNNs: onnx2tf (in-process, dynamic batch) first; litert-torch not even started."""
     arts = _tflite_arts(read_report(digits_run))
+    for name in ("student_fp32.tflite", "student_int8.tflite"):
+        conv = arts[name]["converter"]
+        assert conv["converter"] == "onnx2tf" and conv["routes_tried"] == [{"converter": "onnx2tf", "ok": True}]
+        assert conv["versions"]["onnx2tf"] == "1.29.24" and conv["static_batch"] is None
+        assert conv["ops"]["static_batch"] is None
+        assert conv["size_bytes"] == (digits_run / arts[name]["path"]).stat().st_size
+
+
+@pytest.mark.parametrize("arch, order", [("cnn-small", ("onnx2tf", "litert-torch")),
+                                         ("depthwise-cnn", ("onnx2tf", "litert-torch")),
+                                         ("torchvision:mobilenet_v3_small", ("litert-torch", "onnx2tf")),
+                                         ("timm:efficientnet_lite0", ("litert-torch", "onnx2tf")),
+                                         ("models.py:make_student", ("litert-torch", "onnx2tf"))])
+def test_auto_route_order_follows_the_student_source(arch, order):
+    from edgekd.config import ModelConfig
+    from edgekd.stages.tflite_routes import route_order
+
+    assert route_order("auto", ModelConfig(arch=arch)) == order
+    assert route_order("litert-torch", ModelConfig(arch=arch)) == ("litert-torch",)
+    assert route_order("onnx2tf", ModelConfig(arch=arch)) == ("onnx2tf",)
+
+
+@pytest.fixture(scope="module")
+def litert_run(digits_run, tmp_path_factory):
+    """The digits build with its TFLite files made by litert-torch (the TFLite stages and what reads them rerun)."""
+    import shutil
+
+    run_dir = tmp_path_factory.mktemp("litert") / "run"
+    shutil.copytree(digits_run, run_dir)
+    pipe = write_pipeline(run_dir.parent / "p.yaml", tflite={"converter": "litert-torch"})
+    proc = run_cli("build", "--target", "x86-64", "--pipeline", pipe, "--run-dir", run_dir)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run_dir
+
+
+def test_litert_route_records_its_versions_ops_and_static_batch(litert_run):
+    arts = _tflite_arts(read_report(litert_run))
     for name in ("student_fp32.tflite", "student_int8.tflite"):
         conv = arts[name]["converter"]
         assert conv["converter"] == "litert-torch" and conv["routes_tried"] == [{"converter": "litert-torch",
                                                                                  "ok": True}]
         assert conv["versions"]["litert-torch"] == "0.10.0" and conv["versions"]["ai-edge-litert"].startswith("2.3")
         assert conv["static_batch"] == 1 and conv["ops"]["static_batch"] == 1 and conv["seconds"] > 0
-        assert conv["size_bytes"] == (digits_run / arts[name]["path"]).stat().st_size
+        assert conv["size_bytes"] == (litert_run / arts[name]["path"]).stat().st_size
     fp32, int8 = arts["student_fp32.tflite"]["converter"]["ops"], arts["student_int8.tflite"]["converter"]["ops"]
     assert fp32["int8_ops"] == 0 and fp32["quantize"] == 0 and fp32["float_ops"] > 0
     # full-integer: the convolutions and dense layers run in int8; the float input is quantized once
     assert int8["int8_ops"] >= 4 and int8["quantize"] >= 1 and int8["ops"]["CONV_2D"] >= 1
 
 
-def test_litert_files_match_onnxruntime_at_any_batch(digits_run):
+def test_litert_files_match_onnxruntime_at_any_batch(litert_run):
     """A batch-1 static file still evaluates whole splits: the runner runs it an image at a time."""
     from edgekd.data.datasets import to_float
     from edgekd.runtimes.ort_runner import OrtRunner
     from edgekd.runtimes.tflite_runner import TFLiteRunner
 
-    stages = digits_run / "stages"
+    stages = litert_run / "stages"
     with np.load(stages / "data" / "splits.npz") as z:
         x = to_float(z["x_test"][:37])
     ref = OrtRunner(stages / "export_onnx" / "student_fp32.onnx").predict(x)
@@ -48,23 +86,24 @@ def test_litert_files_match_onnxruntime_at_any_batch(digits_run):
     assert (q.argmax(1) == ref.argmax(1)).mean() >= 0.9
 
 
-def test_auto_falls_back_to_onnx2tf_when_litert_torch_cannot_run(digits_copy, tmp_path):
-    """A real failure of the first route (its environment cannot be created: the env dir is under a regular file):
-    auto records it and ships onnx2tf's files, with the dynamic batch that route keeps."""
-    blocker = tmp_path / "not-a-dir"
-    blocker.write_text("x")
-    pipe = write_pipeline(tmp_path / "p.yaml", tflite={"converter": "auto", "parity_samples": 100})  # a new key: both stages run
-    proc = run_cli("build", "--target", "x86-64", "--pipeline", pipe, "--run-dir", digits_copy,
-                   env={"EDGEKD_ENV_DIR": str(blocker / "envs")})
+def test_auto_falls_back_to_litert_torch_where_onnx2tf_makes_a_file_no_device_loads(digits_copy, tmp_path):
+    """A real failure of the first route: a built-in GELU student, whose Erf onnx2tf can only write as the Select
+    op FlexErf (LiteRT without TensorFlow cannot load it). auto records that and ships litert-torch's files."""
+    pipe = write_pipeline(tmp_path / "gelu.yaml", distill={"epochs": 3},
+                          student={"arch": "cnn", "args": {"channels": [8, 16], "hidden": 32, "activation": "gelu"}},
+                          tflite={"converter": "auto", "parity_samples": 100},
+                          budget={"max_accuracy_drop": 1.0})  # 3 epochs: the conversion, not the student, is tested
+    proc = run_cli("build", "--target", "x86-64", "--pipeline", pipe, "--run-dir", digits_copy)
     assert proc.returncode == 0, proc.stderr[-2000:]
     arts = _tflite_arts(read_report(digits_copy))
     for name in ("student_fp32.tflite", "student_int8.tflite"):
         conv = arts[name]["converter"]
-        assert conv["converter"] == "onnx2tf" and conv["versions"]["onnx2tf"] == "1.29.24"
+        assert conv["converter"] == "litert-torch" and conv["static_batch"] == 1
         first, second = conv["routes_tried"]
-        assert first["converter"] == "litert-torch" and "cannot create its environment" in first["error"]
-        assert second == {"converter": "onnx2tf", "ok": True} and conv["ops"]["static_batch"] is None
-    assert "litert-torch route failed" in proc.stdout + proc.stderr
+        assert first["converter"] == "onnx2tf" and "Erf" in first["error"]  # FlexErf in fp32, tf.Erf in int8
+        assert second == {"converter": "litert-torch", "ok": True}
+    out = proc.stdout + proc.stderr
+    assert "tflite.converter auto: onnx2tf then litert-torch" in out and "onnx2tf route failed" in out
 
 
 def test_a_route_that_fails_fails_its_stage_in_one_line_and_keeps_the_rest(digits_copy, tmp_path):
@@ -94,10 +133,10 @@ def test_converter_setting_is_validated(tmp_path, value, expected):
     assert not (tmp_path / "run" / "stages").exists()  # refused before any work
 
 
-def test_op_summary_reads_the_flatbuffer(digits_run):
+def test_op_summary_reads_the_flatbuffer(litert_run):
     from edgekd.export.tflite_ops import op_summary
 
-    s = op_summary(digits_run / "stages" / "quantize_tflite" / "student_int8.tflite")
+    s = op_summary(litert_run / "stages" / "quantize_tflite" / "student_int8.tflite")
     assert s["total"] == sum(s["ops"].values()) and s["quantize"] == s["ops"].get("QUANTIZE", 0)
     assert s["float_ops"] + s["int8_ops"] <= s["total"]
     with pytest.raises(Exception):

@@ -110,7 +110,7 @@ class Stage:
         """The part of the pipeline config that determines this stage's output; None = stage disabled."""
         raise NotImplementedError
 
-    def extra_key(self, cfg: Any) -> dict:
+    def extra_key(self, cfg: Any, target: Any) -> dict:
         """Content outside the config that determines the output (e.g. a dataset's or checkpoint's digest)."""
         return {}
 
@@ -153,7 +153,7 @@ class Engine:
             "edgekd": code_version(),
             "stage": stage.name,
             "config": stage.config(self.cfg),
-            "extra": stage.extra_key(self.cfg),
+            "extra": stage.extra_key(self.cfg, self.target),
             "target": self.target.digest() if stage.uses_target else None,
             "inputs": {name: out.content_digest for name, out in sorted(inputs.items())},
         }

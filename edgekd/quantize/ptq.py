@@ -91,6 +91,14 @@ def quant_scheme(qcfg, profile) -> tuple[str, bool, bool]:
     return act, qcfg.per_channel and profile.per_channel, reduce_range
 
 
+def host_vnni_key(cfg, target) -> dict:
+    """The host's VNNI as part of a quantizing stage's cache key, only where it decides the scheme: under activation
+    type 'auto' (x86 profiles). An ARM or NPU profile names its activation type, so its int8 model is the same on
+    any host and a build moved to another machine reuses it."""
+    act = cfg.quantize.activation_type or target.quantization.activation_type
+    return {"host_vnni": has_vnni()} if act == "auto" else {}
+
+
 def has_vnni() -> bool:
     """x86 VNNI (AVX512-VNNI or AVX-VNNI) speeds up int8 dot products and avoids U8S8 saturation issues."""
     try:

@@ -28,7 +28,7 @@ class AssistantStage(Stage):
         return {"assistant": cfg.section("assistant"), "distill": to_plain(cfg.assistant.distill or cfg.distill),
                 "seed": cfg.seed}
 
-    def extra_key(self, cfg):
+    def extra_key(self, cfg, target):
         return {"source_digest": source_digest(cfg.assistant)} if cfg.assistant is not None else {}
 
     def run(self, ctx: StageContext) -> dict:

@@ -52,7 +52,7 @@ class BenchmarkStage(Stage):
     def config(self, cfg):
         return {"benchmark": cfg.section("benchmark")}
 
-    def extra_key(self, cfg):
+    def extra_key(self, cfg, target):
         # Latency belongs to the machine it was measured on: another host -> measure again.
         return {"host": f"{platform.node()}|{cpu_model()}|{os.cpu_count()}"}
 

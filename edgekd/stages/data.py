@@ -12,7 +12,7 @@ class DataStage(Stage):
     def config(self, cfg):
         return {"data": cfg.section("data"), "seed": cfg.seed}
 
-    def extra_key(self, cfg):
+    def extra_key(self, cfg, target):
         return {"source_digest": source_fingerprint(cfg.data)}
 
     def run(self, ctx: StageContext) -> dict:

@@ -24,7 +24,7 @@ class DistillStage(Stage):
     def config(self, cfg):
         return {"student": cfg.section("student"), "distill": cfg.section("distill"), "seed": cfg.seed}
 
-    def extra_key(self, cfg):
+    def extra_key(self, cfg, target):
         return {"source_digest": source_digest(cfg.student)}  # the student's own code, when it is the user's
 
     def run(self, ctx: StageContext) -> dict:

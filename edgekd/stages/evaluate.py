@@ -60,6 +60,11 @@ class EvaluateStage(Stage):
                                  "host_top1": logits.argmax(1)}
             ctx.log(f"{art.name:22s} {art.runtime:12s} accuracy {acc:.4f}  agreement with teacher {agree:.4f}  (host)")
         cpu = _target_cpu(ctx.target, ctx.cfg)
+        caveat = _host_arithmetic_caveat(ctx) if cpu is None else None
+        for art in arts if caveat else ():
+            if art.format == "onnx" and art.precision == "int8":
+                results[art.name]["accuracy_measured_on"]["caveat"] = caveat
+                ctx.log(f"warning: {art.name}: {caveat}")
         target = None
         if cpu is not None and arts:
             target = self.on_target(ctx, cpu, arts, x, y, teacher_top1, results)
@@ -105,6 +110,24 @@ class EvaluateStage(Stage):
             ctx.log(f"{art.name:22s} {art.runtime:12s} accuracy {acc:.4f} on aarch64 {cpu}{flag}")
         return {**where, "samples": int(len(ys)), "of": int(len(y)), "seconds": round(time.perf_counter() - t0, 1),
                 "subset_seed": ctx.cfg.seed if len(idx) < len(y) else None}
+
+
+def _host_arithmetic_caveat(ctx: StageContext) -> str | None:
+    """Why the host's int8 ONNX accuracy may not be the target's, when the target's arithmetic is not emulated: an
+    x86 host without VNNI saturates S8S8 models that an ARM target computes exactly (README, "Judged with the
+    target's arithmetic"). None where the host's figure stands."""
+    import platform
+
+    from edgekd.quantize.ptq import has_vnni, quant_scheme
+
+    if ctx.target is None or not ctx.target.emulate_cpus or platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    act, _, _ = quant_scheme(ctx.cfg.quantize, ctx.target.quantization)
+    if act != "int8" or has_vnni():
+        return None
+    return (f"computed by this x86 host without VNNI, whose int8 kernels saturate S8S8 models that "
+            f"{ctx.target.emulate_cpus[0]} computes exactly: the target's accuracy may be higher "
+            f"(evaluate.emulate: true measures it)")
 
 
 def _target_cpu(target, cfg) -> str | None:

@@ -1,13 +1,14 @@
-"""export_tflite: TFLite fp32 of the student, through the routes `tflite.converter` names (auto: litert-torch, then
-onnx2tf); a route's file counts only when it loads in LiteRT without TensorFlow and matches the ONNX model. The
-onnx2tf route also keeps its SavedModel for quantize_tflite, so an int8 failure never costs the fp32 model."""
+"""export_tflite: TFLite fp32 of the student, through the routes `tflite.converter` names (auto's order:
+tflite_routes.route_order); a route's file counts only when it loads in LiteRT without TensorFlow and matches the
+ONNX model. The onnx2tf route also keeps its SavedModel for quantize_tflite, so an int8 failure never costs the
+fp32 model."""
 
 import shutil
 
 from edgekd.errors import StageError
 from edgekd.pipeline.engine import Stage, StageContext
 from edgekd.stages.common import load_splits, load_student
-from edgekd.stages.tflite_routes import ROUTES, check_fp32, describe_file, failure_line
+from edgekd.stages.tflite_routes import check_fp32, describe_file, failure_line, route_order
 
 
 class ExportTFLiteStage(Stage):
@@ -27,7 +28,9 @@ class ExportTFLiteStage(Stage):
         splits = load_splits(ctx)
         out = ctx.out_dir / "student_fp32.tflite"
         tried = []
-        for route in ROUTES[cfg.converter]:
+        order = route_order(cfg.converter, ctx.cfg.student)
+        ctx.log(f"tflite.converter {cfg.converter}: {' then '.join(order)}")
+        for route in order:
             try:
                 info = self._convert(route, ctx, splits, out)
                 parity = check_fp32(ctx, out, splits, self.name)

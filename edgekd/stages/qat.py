@@ -15,7 +15,7 @@ from edgekd.distributed import world
 from edgekd.errors import StageError, first_line
 from edgekd.export.onnx_export import export_onnx
 from edgekd.pipeline.engine import Stage, StageContext
-from edgekd.quantize.ptq import has_vnni, quant_scheme
+from edgekd.quantize.ptq import host_vnni_key, quant_scheme
 from edgekd.runtimes.ort_runner import OrtRunner, optimized_op_types
 from edgekd.stages.common import batch_teacher, load_splits, load_student, sample
 
@@ -35,8 +35,8 @@ class QATStage(Stage):
                                                         for k in ("activation_type", "per_channel")},
                 "opset": cfg.export.opset, "seed": cfg.seed}
 
-    def extra_key(self, cfg):
-        return {"host_vnni": has_vnni()}  # decides the activation type under an 'auto' profile
+    def extra_key(self, cfg, target):
+        return host_vnni_key(cfg, target)
 
     def run(self, ctx: StageContext) -> dict:
         cfg = ctx.cfg.qat

@@ -4,7 +4,7 @@ import numpy as np
 
 from edgekd.errors import StageError
 from edgekd.pipeline.engine import Stage, StageContext
-from edgekd.quantize.ptq import has_vnni, quant_scheme, quantize_qdq
+from edgekd.quantize.ptq import host_vnni_key, quant_scheme, quantize_qdq
 from edgekd.runtimes.ort_runner import OrtRunner
 from edgekd.stages.common import load_splits, sample
 
@@ -18,8 +18,8 @@ class QuantizeStage(Stage):
     def config(self, cfg):
         return {"quantize": cfg.section("quantize"), "seed": cfg.seed}
 
-    def extra_key(self, cfg):
-        return {"host_vnni": has_vnni()}  # decides the activation type under an 'auto' profile
+    def extra_key(self, cfg, target):
+        return host_vnni_key(cfg, target)
 
     def scheme(self, ctx: StageContext) -> tuple[str, bool, bool]:
         return quant_scheme(ctx.cfg.quantize, ctx.target.quantization)

@@ -1,5 +1,6 @@
 """quantize_tflite: full-integer int8 TFLite (int8 input and output tensors) through the routes `tflite.converter`
-names (auto: litert-torch's PT2E quantizer, then TF's converter on onnx2tf's SavedModel), calibrated on training
+names (litert-torch's PT2E quantizer, TF's converter on onnx2tf's SavedModel; auto's order: see
+tflite_routes.route_order), calibrated on training
 images; a route's file counts only when it loads in LiteRT without TensorFlow and agrees with the float ONNX model.
 A stage of its own, so its failure leaves the fp32 TFLite built, evaluated and benchmarked; it does not need the
 fp32 TFLite either (litert-torch converts the PyTorch student), so it runs when export_tflite failed."""
@@ -12,7 +13,7 @@ from pathlib import Path
 from edgekd.errors import StageError
 from edgekd.pipeline.engine import Stage, StageContext
 from edgekd.stages.common import load_splits, load_student, sample
-from edgekd.stages.tflite_routes import ROUTES, check_int8, describe_file, failure_line
+from edgekd.stages.tflite_routes import check_int8, describe_file, failure_line, route_order
 
 
 class QuantizeTFLiteStage(Stage):
@@ -32,7 +33,9 @@ class QuantizeTFLiteStage(Stage):
         calib = sample(splits.x_train, cfg.calibration_samples, ctx.cfg.seed + 1)
         out = ctx.out_dir / "student_int8.tflite"
         tried = []
-        for route in ROUTES[cfg.converter]:
+        order = route_order(cfg.converter, ctx.cfg.student)
+        ctx.log(f"tflite.converter {cfg.converter}: {' then '.join(order)}")
+        for route in order:
             try:
                 info = self._convert(route, ctx, splits, calib, out)
                 parity = check_int8(ctx, out, splits, self.name)

@@ -32,7 +32,7 @@ class TeacherStage(Stage):
             return {"teachers": cfg.section("teachers"), "seed": cfg.seed}
         return {"teacher": cfg.section("teacher"), "seed": cfg.seed}
 
-    def extra_key(self, cfg):
+    def extra_key(self, cfg, target):
         digests = [sha256_file(Path(t.checkpoint)) if t.checkpoint and Path(t.checkpoint).is_file() else None
                    for t in cfg.teacher_list()]
         # the model's code or saved file (user file, module, library version, .pt2 / .onnx)

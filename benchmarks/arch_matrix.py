@@ -81,7 +81,8 @@ def write_profile(path: Path) -> Path:
     return path
 
 
-def pipeline(arch: str, args: dict, data: Path, size: int, route: str, epochs: int = 1, samples: int = 64) -> dict:
+def pipeline(arch: str, args: dict, data: Path, size: int, route: str, epochs: int = 1, samples: int = 64,
+             min_agreement: float = 0.0) -> dict:
     args = {k: (size if v == "SIZE" else v) for k, v in args.items()}
     return {
         "name": "arch-" + arch.replace(":", "-").replace("_", "-"),
@@ -96,7 +97,7 @@ def pipeline(arch: str, args: dict, data: Path, size: int, route: str, epochs: i
         "quantize": {"calibration_samples": samples},
         "tflite": {"converter": route, "calibration_samples": samples, "parity_samples": samples,
                    # 1 epoch leaves most logits close together: agreement is measured and printed, not gated here
-                   "int8_min_agreement": 0.0},
+                   "int8_min_agreement": min_agreement},
         "evaluate": {"emulate": False},
         "benchmark": {"warmup": 5, "runs": 30, "batch_size": 1, "arm_instructions": False,
                       "include_teacher": False},
@@ -151,6 +152,7 @@ def rows_of(arch: str, route: str, report: dict | None, err: str) -> list[dict]:
         row.update(outcome="ok", size_kib=round(a["size_bytes"] / 1024, 1),
                    p50_ms=(a.get("latency_ms") or {}).get("p50"), accuracy=a.get("accuracy"),
                    seconds=conv.get("seconds"), static_batch=conv.get("static_batch"),
+                   activations=conv.get("activations"),
                    float_ops=ops.get("float_ops"), quantize_ops=ops.get("quantize"),
                    dequantize_ops=ops.get("dequantize"), transposes=ops.get("transpose"), total_ops=ops.get("total"))
         rows.append(row)
@@ -166,13 +168,13 @@ def stage_data(run_dir: Path, stage: str) -> dict:
 
 
 def run_arch(arch: str, args: dict, out: Path, size: int, routes=ROUTES, timeout: int = 3600,
-             epochs: int = 1, train_images: int = 512, samples: int = 64) -> list[dict]:
+             epochs: int = 1, train_images: int = 512, samples: int = 64, min_agreement: float = 0.0) -> list[dict]:
     data = write_data(out / f"fashion-mnist-{train_images}.npz", train=train_images)
     profile = write_profile(out / "x86-64-1thread.yaml")
     run_dir = out / arch.replace(":", "-")
     rows = []
     for route in routes:
-        pipe = pipeline(arch, args, data, size, route, epochs, samples)
+        pipe = pipeline(arch, args, data, size, route, epochs, samples, min_agreement)
         report, seconds, err = build(run_dir, pipe, profile, timeout)
         got = rows_of(arch, route, report, err)
         fp32, int8 = stage_data(run_dir, "export_tflite"), stage_data(run_dir, "quantize_tflite")
@@ -192,7 +194,7 @@ def run_arch(arch: str, args: dict, out: Path, size: int, routes=ROUTES, timeout
                 row["parity"] = f"top-1 {agree:.3f}" if isinstance(agree, float) else None
         for row in got:
             row.update(build_seconds=round(seconds, 1), epochs=epochs, train_images=train_images,
-                       calibration_and_parity_samples=samples)
+                       calibration_and_parity_samples=samples, int8_min_agreement=min_agreement)
         rows += got
     return rows
 
@@ -204,7 +206,9 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         ok = r["outcome"] == "ok"
         lines.append("| " + " | ".join(str(v) for v in (
-            r["arch"], r["artifact"], r["route"], "ok" if ok else r["outcome"][:220].replace("|", "/"),
+            r["arch"], r["artifact"], r["route"],
+            ("ok" + (" (dynamic activations)" if r.get("activations") == "dynamic" else "")) if ok
+            else r["outcome"][:220].replace("|", "/"),
             r.get("parity") or "", r.get("size_kib", ""), f"{r['p50_ms']:.2f}" if r.get("p50_ms") else "",
             f"{r['seconds']:.0f}" if r.get("seconds") else "",
             r.get("float_ops", "") if r.get("float_ops") is not None else "",
@@ -226,6 +230,9 @@ def main() -> int:
                     help="Fashion-MNIST training images (more, with --epochs, for int8 agreement on trained weights)")
     ap.add_argument("--samples", type=int, default=64,
                     help="calibration and parity images (pipelines default to 256; 64 keeps the path test quick)")
+    ap.add_argument("--int8-min-agreement", type=float, default=0.0,
+                    help="tflite.int8_min_agreement (0: every int8 file ships, the path test; pipelines default to "
+                         "0.95, below which auto falls back to dynamic activations)")
     a = ap.parse_args()
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -239,7 +246,7 @@ def main() -> int:
     for arch, args in archs:
         t0 = time.perf_counter()
         rows = run_arch(arch, args, out, a.size, routes, a.timeout, a.epochs, a.train_images,
-                        a.samples)
+                        a.samples, a.int8_min_agreement)
         all_rows += rows
         with results.open("a") as f:
             for r in rows:

@@ -323,3 +323,25 @@ def test_svg_scales_pick_readable_ticks():
     assert log(0.004) < log(0.05) < log(0.5)
     flat = svg.Scale.fit([3.0, 3.0], 0, 100)  # one value: still a usable axis
     assert flat.lo < 3.0 < flat.hi
+
+
+def test_artifact_notes_name_the_converter_fallbacks_and_host_caveats(digits_run):
+    """What a reader must know beside a row: the route that made a TFLite file and what failed first, int8 files with
+    dynamic activations, a host-arithmetic caveat; in Markdown and HTML alike."""
+    from edgekd.reports.html import to_html
+    from edgekd.reports.render import to_markdown
+
+    r = copy.deepcopy(read_report(digits_run))
+    arts = {a["name"]: a for a in r["artifacts"]}
+    arts["student_int8.tflite"]["converter"].update(
+        converter="litert-torch", versions={"litert-torch": "0.10.0"}, static_batch=1, activations="dynamic",
+        routes_tried=[{"converter": "onnx2tf", "activations": "static", "error": "agrees on only 0.750"},
+                      {"converter": "litert-torch", "activations": "dynamic", "ok": True}])
+    arts["student_int8.onnx"]["accuracy_measured_on"] = {"caveat": "computed by this x86 host without VNNI"}
+    md, html = to_markdown(r), to_html(r)
+    line = ("student_int8.tflite: made by litert-torch 0.10.0 (static batch 1); int8 weights with dynamic activations"
+            ": float input and output, runs on CPU/XNNPACK, not on int8-only accelerators; after onnx2tf (static) "
+            "failed: agrees on only 0.750")
+    assert f"- {line}" in md and line in html
+    assert "student_fp32.tflite: made by onnx2tf 1.29.24" in md
+    assert "- student_int8.onnx: accuracy computed by this x86 host without VNNI" in md

@@ -3,6 +3,7 @@
 Everything runs for real: the litert-torch environment is created on first use (about a minute, then cached), the
 converters convert, LiteRT loads the files in a fresh process, onnxruntime is the reference."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +16,18 @@ def _tflite_arts(report: dict) -> dict:
     return {a["name"]: a for a in report["artifacts"] if a["format"] == "tflite"}
 
 
+def _static(name: str) -> dict:
+    """What an int8 route records beside its outcome: full-integer (static) activations."""
+    return {"activations": "static"} if "int8" in name else {}
+
+
 def test_auto_converts_a_builtin_student_with_onnx2tf_first(digits_run):
     """auto's order for edgekd's own CNNs: onnx2tf (in-process, dynamic batch) first; litert-torch not even started."""
     arts = _tflite_arts(read_report(digits_run))
     for name in ("student_fp32.tflite", "student_int8.tflite"):
         conv = arts[name]["converter"]
-        assert conv["converter"] == "onnx2tf" and conv["routes_tried"] == [{"converter": "onnx2tf", "ok": True}]
+        assert conv["converter"] == "onnx2tf" and conv["routes_tried"] == [{"converter": "onnx2tf", "ok": True,
+                                                                            **_static(name)}]
         assert conv["versions"]["onnx2tf"] == "1.29.24" and conv["static_batch"] is None
         assert conv["ops"]["static_batch"] is None
         assert conv["size_bytes"] == (digits_run / arts[name]["path"]).stat().st_size
@@ -58,7 +65,7 @@ def test_litert_route_records_its_versions_ops_and_static_batch(litert_run):
     for name in ("student_fp32.tflite", "student_int8.tflite"):
         conv = arts[name]["converter"]
         assert conv["converter"] == "litert-torch" and conv["routes_tried"] == [{"converter": "litert-torch",
-                                                                                 "ok": True}]
+                                                                                 "ok": True, **_static(name)}]
         assert conv["versions"]["litert-torch"] == "0.10.0" and conv["versions"]["ai-edge-litert"].startswith("2.3")
         assert conv["static_batch"] == 1 and conv["ops"]["static_batch"] == 1 and conv["seconds"] > 0
         assert conv["size_bytes"] == (litert_run / arts[name]["path"]).stat().st_size
@@ -101,7 +108,7 @@ def test_auto_falls_back_to_litert_torch_where_onnx2tf_makes_a_file_no_device_lo
         assert conv["converter"] == "litert-torch" and conv["static_batch"] == 1
         first, second = conv["routes_tried"]
         assert first["converter"] == "onnx2tf" and "Erf" in first["error"]  # FlexErf in fp32, tf.Erf in int8
-        assert second == {"converter": "litert-torch", "ok": True}
+        assert second == {"converter": "litert-torch", "ok": True, **_static(name)}
     out = proc.stdout + proc.stderr
     assert "tflite.converter auto: onnx2tf then litert-torch" in out and "onnx2tf route failed" in out
 
@@ -121,6 +128,50 @@ def test_a_route_that_fails_fails_its_stage_in_one_line_and_keeps_the_rest(digit
     assert st["export_tflite"] == "failed" and st["quantize_tflite"] == "failed" and st["evaluate"] == "ran"
     assert {a["name"] for a in r["artifacts"]} == {"student_fp32.onnx", "student_int8.onnx"}
     assert {"student_fp32.tflite", "student_int8.tflite"} <= set(r["missing_artifacts"])
+
+
+@pytest.mark.parametrize("routes, setting, attempts", [
+    (("onnx2tf", "litert-torch"), "auto", [("onnx2tf", "static"), ("litert-torch", "static"),
+                                            ("litert-torch", "dynamic")]),
+    (("litert-torch", "onnx2tf"), "auto", [("litert-torch", "static"), ("onnx2tf", "static"),
+                                            ("litert-torch", "dynamic")]),
+    (("onnx2tf",), "auto", [("onnx2tf", "static")]),
+    (("litert-torch",), "static", [("litert-torch", "static")]),
+    (("onnx2tf", "litert-torch"), "dynamic", [("litert-torch", "dynamic")]),
+    (("onnx2tf",), "dynamic", [("onnx2tf", "dynamic")])])  # tried, so that its refusal is recorded
+def test_int8_attempts_put_every_full_integer_file_before_dynamic_activations(routes, setting, attempts):
+    from edgekd.stages.quantize_tflite import int8_attempts
+
+    assert int8_attempts(routes, setting) == attempts
+
+
+def test_int8_with_dynamic_activations_is_made_checked_and_said(litert_run, tmp_path):
+    """`int8_activations: dynamic` (what auto falls back to when no full-integer file agrees; the trained ViT-Tiny of
+    the architecture matrix is such a model): litert-torch's int8 weights with activations quantized at run time,
+    float input and output, checked like any int8 file and named as such in report.json and report.md."""
+    import shutil
+
+    from edgekd.runtimes.tflite_runner import TFLiteRunner
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(litert_run, run_dir)
+    pipe = write_pipeline(tmp_path / "p.yaml", tflite={"converter": "litert-torch", "int8_activations": "dynamic"})
+    proc = run_cli("build", "--target", "x86-64", "--pipeline", pipe, "--run-dir", run_dir)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = read_report(run_dir)
+    conv = _tflite_arts(r)["student_int8.tflite"]["converter"]
+    assert conv["routes_tried"] == [{"converter": "litert-torch", "activations": "dynamic", "ok": True}]
+    assert conv["activations"] == "dynamic"
+    assert conv["ops"]["int8_ops"] == 0 and conv["ops"]["quantize"] == 0  # float kernels over int8 weights
+    fp32 = _tflite_arts(r)["student_fp32.tflite"]
+    assert _tflite_arts(r)["student_int8.tflite"]["size_bytes"] < 0.7 * fp32["size_bytes"]  # int8 weights
+    runner = TFLiteRunner(run_dir / "stages" / "quantize_tflite" / "student_int8.tflite")
+    assert runner.input_dtype == np.float32
+    agree = json.loads((run_dir / "stages" / "quantize_tflite" / "manifest.json").read_text())["data"]
+    assert agree["int8_parity"]["top1_agreement"] >= 0.95
+    assert "int8 weights with dynamic activations" in proc.stdout + proc.stderr
+    assert "student_int8.tflite: made by litert-torch 0.10.0 (static batch 1); int8 weights with dynamic " \
+           "activations" in (run_dir / "report.md").read_text()
 
 
 @pytest.mark.parametrize("value, expected", [("litert", "tflite.converter"), ("tflite", "tflite.converter")])

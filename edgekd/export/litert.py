@@ -55,9 +55,11 @@ def export_program(model: nn.Module, chw: tuple[int, int, int], path: Path) -> s
 
 def convert_with_litert_torch(model: nn.Module, chw: tuple[int, int, int], out_path: Path, precision: str,
                               calibration_nchw: np.ndarray | None = None, *, stage: str,
-                              log: Callable[[str], None] = print) -> dict:
+                              log: Callable[[str], None] = print, activations: str = "static") -> dict:
     """Write `out_path` (.tflite, NHWC input, static batch 1) from `model`; int8 needs `calibration_nchw`
-    (N, C, H, W) float images. Returns {"converter", "versions", "seconds", "export", "static_batch"}.
+    (N, C, H, W) float images, and `activations` "static" (full integer) or "dynamic" (int8 weights, activations
+    quantized at run time). Returns {"converter", "versions", "seconds", "export", "static_batch"} (+ "activations"
+    for int8).
     Raises StageError(stage, "litert-torch ...: <one line>") on any failure."""
     from edgekd.runtimes import envs
 
@@ -77,7 +79,7 @@ def convert_with_litert_torch(model: nn.Module, chw: tuple[int, int, int], out_p
             raise StageError(stage, f"torch.export of the student failed: "
                                     f"{type(exc).__name__}: {first[:300]}") from None
         request = {"program": str(program), "out": str(tmp / "model.tflite"), "precision": precision,
-                   "input_shape_nhwc": [1, chw[1], chw[2], chw[0]]}
+                   "input_shape_nhwc": [1, chw[1], chw[2], chw[0]], "activations": activations}
         if precision == "int8":
             if calibration_nchw is None or len(calibration_nchw) == 0:
                 raise StageError(stage, "int8 needs calibration images")
@@ -101,10 +103,11 @@ def convert_with_litert_torch(model: nn.Module, chw: tuple[int, int, int], out_p
         out_path.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(tmp / "model.tflite"), str(out_path))
     seconds = round(time.perf_counter() - t0, 2)
-    log(f"{CONVERTER} {precision} -> {out_path.name} ({out_path.stat().st_size / 1024:.1f} KiB, NHWC input, "
+    what = precision if precision == "fp32" else f"int8 ({activations} activations)"
+    log(f"{CONVERTER} {what} -> {out_path.name} ({out_path.stat().st_size / 1024:.1f} KiB, NHWC input, "
         f"static batch 1, {mode} torch.export, {seconds:.1f} s)")
     return {"converter": CONVERTER, "versions": result.get("versions", {}), "seconds": seconds, "export": mode,
-            "static_batch": 1}
+            "static_batch": 1, **({"activations": activations} if precision == "int8" else {})}
 
 
 def _last_json(stdout: str) -> dict:

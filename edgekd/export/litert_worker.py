@@ -8,7 +8,8 @@ litert_torch (plus numpy): the model's own code is not needed, the program carri
 
 int8 is litert-torch's PT2E route: prepare_pt2e with its PT2EQuantizer (symmetric, per-channel weights, static
 activations), calibration at batch 1, convert_pt2e(fold_quantize=False), then litert_torch.convert with the
-quantizer, which gives int8 input and output tensors like the TF converter's full-integer files.
+quantizer. With `"activations": "dynamic"` the quantizer's dynamic config instead: int8 weights, activations
+quantized at run time from each input's own range (float input and output; the calibration pass is harmless).
 
 Prints one JSON line `{"ok": true, ...}` as its last stdout line; on failure `{"ok": false, "error": "<one line>"}`
 and exit code 2.
@@ -51,8 +52,9 @@ def convert(request: dict) -> dict:
         from litert_torch.quantize.quant_config import QuantConfig
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
+        dynamic = request.get("activations", "static") == "dynamic"  # int8 weights, activations quantized per run
         quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True,
-                                                                                 is_dynamic=False))
+                                                                                 is_dynamic=dynamic))
         prepared = prepare_pt2e(module, quantizer)
         calib = np.load(request["calibration"])
         with torch.no_grad():

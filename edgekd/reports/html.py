@@ -12,6 +12,7 @@ from html import escape
 
 from edgekd.reports import svg
 from edgekd.reports.checks import explain, format_bytes, format_limit, format_ms, format_value
+from edgekd.reports.notes import artifact_notes
 from edgekd.reports.target_arithmetic import target_html
 
 STAGE_COLORS = {"ran": "#0f766e", "cached": "#9ca3af", "failed": "#b91c1c"}
@@ -85,7 +86,7 @@ def to_html(r: dict) -> str:
               _figure(accuracy_latency_plot(r, colors)), _figure(size_plot(r, colors)),
               _figure(latency_distribution_plot(r, colors)), _figure(stage_time_plot(r)), "</div>",
               f'<p class="sub">{escape(_measured_note(r))}</p>',
-              "<h2>Artifacts</h2>", _artifact_table(r, colors), target_html(r),
+              "<h2>Artifacts</h2>", _artifact_table(r, colors), _notes_html(r), target_html(r),
               "<h2>Gate checks</h2>", _checks_table(checks),
               "<h2>Reproduce this decision</h2>", _reproduce(r),
               "</main></body></html>"]
@@ -202,6 +203,12 @@ def _best_summary(r: dict, best: str | None) -> str:
     bits.append(f"size {format_bytes(a.get('size_bytes'))}" + (
         f" ({t['size_bytes'] / a['size_bytes']:.1f}x smaller)" if t.get("size_bytes") and a.get("size_bytes") else ""))
     return " — " + escape("; ".join(bits))
+
+
+def _notes_html(r: dict) -> str:
+    notes = artifact_notes(r)
+    return ('<div class="box"><b>Artifact notes</b><ul>' + "".join(f"<li>{escape(n)}</li>" for n in notes)
+            + "</ul></div>") if notes else ""
 
 
 def _measured_note(r: dict) -> str:

@@ -11,6 +11,7 @@ from edgekd.reports.accelerator import accelerator_lines
 from edgekd.reports.checks import explain, format_bytes, format_limit, format_ms, format_value
 from edgekd.reports.html import to_html
 from edgekd.reports.junit import to_junit
+from edgekd.reports.notes import artifact_notes
 from edgekd.reports.target_arithmetic import target_lines
 
 FILES = {"json": "report.json", "md": "report.md", "html": "report.html", "junit": "report.junit.xml"}
@@ -116,6 +117,9 @@ def to_markdown(r: dict) -> str:
                      f"{format_bytes(a.get('peak_rss_bytes'))} | {format_bytes(a.get('size_bytes'))} |")
     for name in r.get("missing_artifacts", []):
         lines.append(f"| `{name}` | MISSING | | | | | | | | | |")
+    notes = artifact_notes(r)
+    if notes:
+        lines += ["", "Artifact notes:", ""] + [f"- {n}" for n in notes]
     lines += ["", f"Latency: {r.get('benchmark', {}).get('measured_on')}, batch {r.get('benchmark', {}).get('batch_size')}.",
               "These are host measurements, not the target device's latency."]
     lines += target_lines(r)

@@ -20,8 +20,8 @@ class ExportTFLiteStage(Stage):
     def config(self, cfg):
         if not cfg.tflite.enabled:
             return None
-        return {"tflite": {k: v for k, v in cfg.section("tflite").items()
-                           if k not in ("int8", "calibration_samples", "int8_min_agreement")}, "seed": cfg.seed}
+        int8_only = ("int8", "calibration_samples", "int8_min_agreement", "int8_activations")
+        return {"tflite": {k: v for k, v in cfg.section("tflite").items() if k not in int8_only}, "seed": cfg.seed}
 
     def run(self, ctx: StageContext) -> dict:
         cfg = ctx.cfg.tflite

@@ -1,7 +1,9 @@
-"""quantize_tflite: full-integer int8 TFLite (int8 input and output tensors) through the routes `tflite.converter`
-names (litert-torch's PT2E quantizer, TF's converter on onnx2tf's SavedModel; auto's order: see
-tflite_routes.route_order), calibrated on training
-images; a route's file counts only when it loads in LiteRT without TensorFlow and agrees with the float ONNX model.
+"""quantize_tflite: int8 TFLite through the routes `tflite.converter` names (litert-torch's PT2E quantizer, TF's
+converter on onnx2tf's SavedModel; auto's order: tflite_routes.route_order), calibrated on training images. Full
+integer (static activations, int8 input and output tensors) from every route first; under
+`tflite.int8_activations: auto` litert-torch's dynamic activations (int8 weights, activations quantized at run time)
+only when no static file agrees, and the report says which. A file counts only when it loads in LiteRT without
+TensorFlow and agrees with the float ONNX model.
 A stage of its own, so its failure leaves the fp32 TFLite built, evaluated and benchmarked; it does not need the
 fp32 TFLite either (litert-torch converts the PyTorch student), so it runs when export_tflite failed."""
 
@@ -33,30 +35,37 @@ class QuantizeTFLiteStage(Stage):
         calib = sample(splits.x_train, cfg.calibration_samples, ctx.cfg.seed + 1)
         out = ctx.out_dir / "student_int8.tflite"
         tried = []
-        order = route_order(cfg.converter, ctx.cfg.student)
-        ctx.log(f"tflite.converter {cfg.converter}: {' then '.join(order)}")
-        for route in order:
+        attempts = int8_attempts(route_order(cfg.converter, ctx.cfg.student), cfg.int8_activations)
+        ctx.log(f"tflite.converter {cfg.converter}, int8_activations {cfg.int8_activations}: "
+                + " then ".join(f"{route} ({act})" for route, act in attempts))
+        for route, activations in attempts:
             try:
-                info = self._convert(route, ctx, splits, calib, out)
+                if route == "onnx2tf" and activations == "dynamic":
+                    raise StageError(self.name, "makes full-integer int8 only (tflite.int8_activations: dynamic "
+                                                "needs litert-torch)")
+                info = self._convert(route, ctx, splits, calib, out, activations)
                 parity = check_int8(ctx, out, splits, self.name)
             except StageError as exc:
-                tried.append({"converter": route, "error": exc.message})
-                ctx.log(f"student_int8.tflite: {route} route failed: {exc.message}")
+                tried.append({"converter": route, "activations": activations, "error": exc.message})
+                ctx.log(f"student_int8.tflite: {route} route ({activations} activations) failed: {exc.message}")
                 out.unlink(missing_ok=True)
                 continue
-            tried.append({"converter": route, "ok": True})
+            tried.append({"converter": route, "activations": activations, "ok": True})
+            if activations == "dynamic":
+                ctx.log("student_int8.tflite: int8 weights with dynamic activations (float input and output; "
+                        "runs on CPU/XNNPACK, not on int8-only accelerators)")
             return {"int8_parity": parity, "calibration_samples": int(len(calib)), "converter": info,
                     "routes_tried": tried,
                     "artifacts": [{"name": out.name, "file": out.name, "format": "tflite", "precision": "int8",
                                    "converter": {**info, "routes_tried": tried, **describe_file(out)}}]}
         raise StageError(self.name, failure_line(out.name, tried))
 
-    def _convert(self, route: str, ctx: StageContext, splits, calib, out: Path) -> dict:
+    def _convert(self, route: str, ctx: StageContext, splits, calib, out: Path, activations: str) -> dict:
         if route == "litert-torch":
             from edgekd.export.litert import convert_with_litert_torch
 
             return convert_with_litert_torch(load_student(ctx, splits), splits.input_shape, out, "int8", calib,
-                                             stage=self.name, log=ctx.log)
+                                             stage=self.name, log=ctx.log, activations=activations)
         from edgekd.export.tflite import convert_onnx_to_tflite, onnx2tf_versions, quantize_saved_model_int8
 
         t0 = time.perf_counter()
@@ -71,4 +80,16 @@ class QuantizeTFLiteStage(Stage):
         ctx.log(f"onnx2tf + TF converter int8 ({len(calib)} calibration samples) -> {out.name} "
                 f"({out.stat().st_size / 1024:.1f} KiB)")
         return {"converter": "onnx2tf", "versions": onnx2tf_versions(),
-                "seconds": round(time.perf_counter() - t0, 2), "static_batch": None}
+                "seconds": round(time.perf_counter() - t0, 2), "static_batch": None, "activations": "static"}
+
+
+def int8_attempts(routes: tuple[str, ...], int8_activations: str) -> list[tuple[str, str]]:
+    """(route, activations) in the order tried: every route's full-integer file first; dynamic activations (int8
+    weights, activations quantized at run time) only when asked for, or under auto when no static file agreed."""
+    static = [(r, "static") for r in routes]
+    dynamic = [("litert-torch", "dynamic")] if "litert-torch" in routes else []
+    if int8_activations == "static":
+        return static
+    if int8_activations == "dynamic":  # onnx2tf alone: tried, so that its one-line refusal is recorded
+        return dynamic or [(routes[0], "dynamic")]
+    return static + dynamic

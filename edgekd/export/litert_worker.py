@@ -8,7 +8,8 @@ litert_torch (plus numpy): the model's own code is not needed, the program carri
 
 int8 is litert-torch's PT2E route: prepare_pt2e with its PT2EQuantizer (symmetric, per-channel weights, static
 activations), calibration at batch 1, convert_pt2e(fold_quantize=False), then litert_torch.convert with the
-quantizer. With `"activations": "dynamic"` the quantizer's dynamic config instead: int8 weights, activations
+quantizer: a float input tensor quantized by the file's first op (QUANTIZE), int8 inside and at the output.
+With `"activations": "dynamic"` the quantizer's dynamic config instead: int8 weights, activations
 quantized at run time from each input's own range (float input and output; the calibration pass is harmless).
 
 Prints one JSON line `{"ok": true, ...}` as its last stdout line; on failure `{"ok": false, "error": "<one line>"}`

@@ -1,6 +1,7 @@
 """quantize_tflite: int8 TFLite through the routes `tflite.converter` names (litert-torch's PT2E quantizer, TF's
 converter on onnx2tf's SavedModel; auto's order: tflite_routes.route_order), calibrated on training images. Full
-integer (static activations, int8 input and output tensors) from every route first; under
+integer (static activations; onnx2tf's files take int8 input, litert-torch's take float input that their first op
+quantizes; both give int8 output) from every route first; under
 `tflite.int8_activations: auto` litert-torch's dynamic activations (int8 weights, activations quantized at run time)
 only when no static file agrees, and the report says which. A file counts only when it loads in LiteRT without
 TensorFlow and agrees with the float ONNX model.

@@ -84,7 +84,7 @@ def quantize_qdq(fp32_path: Path, out_path: Path, calibration: np.ndarray, *, pe
 def quant_scheme(qcfg, profile) -> tuple[str, bool, bool]:
     """(activation type, per-channel weights, reduce_range) from the pipeline's `quantize` section and the target
     profile's quantization scheme; used by post-training quantization and QAT alike."""
-    act = qcfg.activation_type or profile.activation_type
+    act = _requested_activation_type(qcfg, profile)
     reduce_range = profile.reduce_range
     if act == "auto":  # onnxruntime's guidance for x86: S8S8 with VNNI, U8S8 + reduce_range without
         act, reduce_range = ("int8", False) if has_vnni() else ("uint8", True)
@@ -95,8 +95,13 @@ def host_vnni_key(cfg, target) -> dict:
     """The host's VNNI as part of a quantizing stage's cache key, only where it decides the scheme: under activation
     type 'auto' (x86 profiles). An ARM or NPU profile names its activation type, so its int8 model is the same on
     any host and a build moved to another machine reuses it."""
-    act = cfg.quantize.activation_type or target.quantization.activation_type
-    return {"host_vnni": has_vnni()} if act == "auto" else {}
+    auto = _requested_activation_type(cfg.quantize, target.quantization) == "auto"
+    return {"host_vnni": has_vnni()} if auto else {}
+
+
+def _requested_activation_type(qcfg, profile) -> str:
+    """The pipeline's `quantize.activation_type` if set, else the target profile's (possibly 'auto')."""
+    return qcfg.activation_type or profile.activation_type
 
 
 def has_vnni() -> bool:

@@ -61,10 +61,11 @@ class EvaluateStage(Stage):
             ctx.log(f"{art.name:22s} {art.runtime:12s} accuracy {acc:.4f}  agreement with teacher {agree:.4f}  (host)")
         cpu = _target_cpu(ctx.target, ctx.cfg)
         caveat = _host_arithmetic_caveat(ctx) if cpu is None else None
-        for art in arts if caveat else ():
-            if art.format == "onnx" and art.precision == "int8":
-                results[art.name]["accuracy_measured_on"]["caveat"] = caveat
-                ctx.log(f"warning: {art.name}: {caveat}")
+        if caveat:
+            for art in arts:
+                if art.format == "onnx" and art.precision == "int8":
+                    results[art.name]["accuracy_measured_on"]["caveat"] = caveat
+                    ctx.log(f"warning: {art.name}: {caveat}")
         target = None
         if cpu is not None and arts:
             target = self.on_target(ctx, cpu, arts, x, y, teacher_top1, results)

@@ -1,7 +1,8 @@
 """Run a .tflite classifier with ai_edge_litert (no TensorFlow import).
 
-Models produced by edgekd's TFLite routes take NHWC input and output logits (N, classes); int8 models have int8
-input and output tensors with (scale, zero_point) quantization. The runner takes NCHW float32 in [0,1] like every
+Models produced by edgekd's TFLite routes take NHWC input and output logits (N, classes). Their input and output
+tensors are float32 or int8 with (scale, zero_point): onnx2tf's int8 files are int8 at both ends, litert-torch's
+full-integer ones take float input and give int8 output, its dynamic-activation ones are float at both ends. The runner takes NCHW float32 in [0,1] like every
 other edgekd runtime and hides layout, dtype and batch handling.
 
 Batch handling: onnx2tf's files keep the batch dim dynamic (shape_signature[0] == -1); the runner resizes the input

@@ -179,6 +179,7 @@ def run_arch(arch: str, args: dict, out: Path, size: int, routes=ROUTES, timeout
         got = rows_of(arch, route, report, err)
         fp32, int8 = stage_data(run_dir, "export_tflite"), stage_data(run_dir, "quantize_tflite")
         onnx, q = stage_data(run_dir, "export_onnx"), stage_data(run_dir, "quantize")
+        distill = stage_data(run_dir, "distill")
         for row in got:
             if row["outcome"] != "ok":
                 continue
@@ -193,6 +194,8 @@ def run_arch(arch: str, args: dict, out: Path, size: int, routes=ROUTES, timeout
                 agree = q.get("fp32_agreement")
                 row["parity"] = f"top-1 {agree:.3f}" if isinstance(agree, float) else None
         for row in got:
+            row.update(student_val_accuracy=distill.get("val_accuracy"),
+                       batchnorm_recalibration=distill.get("batchnorm_recalibration"))
             row.update(build_seconds=round(seconds, 1), epochs=epochs, train_images=train_images,
                        calibration_and_parity_samples=samples, int8_min_agreement=min_agreement)
         rows += got

@@ -125,6 +125,10 @@ class TrainConfig:
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     # e.g. {random_resized_crop: {scale: [0.6, 1.0]}, horizontal_flip: true}; None -> none (the default)
     augment: Optional[AugmentConfig] = None
+    # After the last epoch, re-estimate BatchNorm running statistics on training images (edgekd.distill.batchnorm:
+    # e.g. torchvision's MNASNet, momentum 0.0003, otherwise predicts one class in eval mode after a short run).
+    # auto: kept only if they score higher on the validation split; always: kept; never: not computed.
+    recalibrate_batchnorm: Literal["auto", "always", "never"] = "auto"
 
     def validate(self, where: str) -> None:
         _check(self.epochs >= 1, where, "epochs", "must be >= 1")

@@ -98,6 +98,12 @@ def test_report_json_carries_what_reproduces_the_decision(digits_run):
     assert cfg.digest() == r["config_hash"]
     assert len(r["dataset"]["fingerprint"]) == 64 and len(r["dataset"]["source_fingerprint"]) == 64
     assert r["seed"] == 0 and r["seeds"]["pipeline"] == 0
+    # the student's BatchNorm statistics were re-estimated after distillation and the report says which were kept
+    bn = r["student"]["distill"]["batchnorm_recalibration"]
+    assert bn["policy"] == "auto" and bn["images"] > 0 and isinstance(bn["kept"], bool)
+    assert bn["kept"] == (bn["val_accuracy_recalibrated"] > bn["val_accuracy_running"])
+    assert r["student"]["val_accuracy"] == max(bn["val_accuracy_running"], bn["val_accuracy_recalibrated"])
+    assert f"- BatchNorm statistics re-estimated on {bn['images']} training images" in (digits_run / "report.md").read_text()
     for entry in [r["teacher"], *r["artifacts"]]:
         dist = entry["latency_distribution_ms"]
         assert len(dist["percentiles"]) == len(dist["values"]) and dist["values"] == sorted(dist["values"])

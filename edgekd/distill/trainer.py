@@ -28,6 +28,7 @@ from torch import nn
 from edgekd.config import TrainConfig
 from edgekd.data.augment import BatchAugment, describe
 from edgekd.distributed import World, world as current_world
+from edgekd.distill import batchnorm
 from edgekd.distill.losses import kd_objective, temperature_at
 from edgekd.errors import StageError
 from edgekd.pipeline.store import atomic_write_bytes
@@ -51,9 +52,13 @@ class TrainResult:
     resumed_from_epoch: int = 0
     seconds: float = 0.0
     processes: int = 1  # ranks that trained it (data-parallel)
+    batchnorm: Optional[dict] = None  # the BatchNorm re-estimate after training (batchnorm.summary), if any
 
     @property
     def val_accuracy(self) -> float:
+        """The returned model's validation accuracy (with re-estimated BatchNorm statistics when they were kept)."""
+        if self.batchnorm and self.batchnorm["kept"]:
+            return self.batchnorm["val_accuracy_recalibrated"]
         return self.history[-1]["val_accuracy"] if self.history else float("nan")
 
 
@@ -270,6 +275,7 @@ def train(model: nn.Module, cfg: TrainConfig, x_train: np.ndarray, y_train: np.n
         log(f"epoch {epoch + 1}/{cfg.epochs}  " + "  ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "epoch"))
         if is_main:
             _save_checkpoint(ckpt_path, model, optimizer, scheduler, epoch + 1, result.history, extra_params)
+    result.batchnorm = _recalibrate_batchnorm(model, cfg, x_train, x_val, y_val, result.history, seed, w, log)
     result.seconds = time.perf_counter() - t0
     result.processes = w.world_size
     model.eval()  # (an exported QAT model's eval() returns None: no chaining)
@@ -279,6 +285,35 @@ def train(model: nn.Module, cfg: TrainConfig, x_train: np.ndarray, y_train: np.n
     for p in extra_params:
         p.data = p.data.to("cpu")
     return result
+
+
+def _recalibrate_batchnorm(model: nn.Module, cfg: TrainConfig, x_train: np.ndarray, x_val: np.ndarray,
+                           y_val: np.ndarray, history: list[dict], seed: int, w: World,
+                           log: Callable[[str], None]) -> Optional[dict]:
+    """`cfg.recalibrate_batchnorm`: re-estimate the BatchNorm statistics on training images (see edgekd.distill.
+    batchnorm for why); 'auto' keeps them only if they score higher on the validation split than the running
+    statistics training left, 'always' keeps them. None when there is nothing to do (no BatchNorm layer, 'never', or
+    a QAT program, whose BatchNorm is inside the exported graph)."""
+    policy = cfg.recalibrate_batchnorm
+    if policy == "never" or not history or not batchnorm.batchnorm_layers(model):
+        return None
+    if policy == "auto" and len(y_val) == 0:
+        log("BatchNorm statistics not re-estimated: recalibrate_batchnorm 'auto' compares on the validation split, "
+            "which is empty")
+        return None
+    before = history[-1]["val_accuracy"]
+    saved = batchnorm.statistics(model)
+    images = batchnorm.recalibrate(model, x_train, cfg.batch_size, seed=seed, rank=w.rank, world_size=w.world_size)
+    if w.is_distributed:  # each rank averaged over its rows: the mean of the ranks' statistics, on every rank
+        _sync_buffers(model)
+        images = int(w.sum([float(images)])[0])
+    after = accuracy(predict_logits_shared(model, x_val, w), y_val)
+    kept = policy == "always" or after > before
+    if not kept:
+        batchnorm.restore(model, saved)
+    info = batchnorm.summary(images, before, after, kept, policy)
+    log(batchnorm.describe(info))
+    return info
 
 
 def _sync_buffers(model: nn.Module) -> None:

@@ -57,6 +57,12 @@ def _distillation_lines(r: dict) -> list[str]:
                      f"cache {'on' if d.get('teacher_output_cache') else 'off'}"
                      + (f"; trained data-parallel on {d['train_processes']} processes"
                         if (d.get("train_processes") or 1) > 1 else ""))
+    bn = d.get("batchnorm_recalibration")
+    if bn:
+        lines.append(f"- BatchNorm statistics re-estimated on {bn['images']} training images after distillation: "
+                     f"validation accuracy {_pct(bn['val_accuracy_running'])} with the running statistics, "
+                     f"{_pct(bn['val_accuracy_recalibrated'])} re-estimated; "
+                     + ("the re-estimate was kept" if bn["kept"] else "the running statistics were kept"))
     return [""] + lines if lines else []
 
 

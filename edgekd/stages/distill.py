@@ -53,7 +53,7 @@ class DistillStage(Stage):
         return {"arch": ctx.cfg.student.arch, "params": count_params(student), "val_accuracy": run.result.val_accuracy,
                 "test_accuracy_torch": test_acc, "history": run.result.history,
                 "resumed_from_epoch": run.result.resumed_from_epoch, "train_seconds": run.result.seconds,
-                "train_processes": run.result.processes,
+                "train_processes": run.result.processes, "batchnorm_recalibration": run.result.batchnorm,
                 "teacher_output_cache": run.teacher_output_cache, "teacher_output_cache_note": run.cache_note,
                 "methods": run.methods, "distilled_from": "assistant" if ctx.cfg.assistant is not None else "teacher"}
 

@@ -267,8 +267,11 @@ def _small_build(folder: Path, teacher: dict, student: dict) -> Path:
                            "test_fraction": 0.2},
                      teacher=teacher, student=student,
                      distill={"epochs": 1, "batch_size": 32, "lr": 0.003},
-                     export={"parity_samples": 16}, quantize={"calibration_samples": 32},
-                     tflite={"calibration_samples": 16, "parity_samples": 16},
+                     # one epoch leaves near-chance students whose logits are near ties: int8 agreement on 16
+                     # images says nothing here (it passed before BatchNorm re-estimation only because the eval-mode
+                     # students predicted one class), so it is not gated; the files must still build, load and run
+                     export={"parity_samples": 16}, quantize={"calibration_samples": 32, "min_fp32_agreement": 0.0},
+                     tflite={"calibration_samples": 16, "parity_samples": 16, "int8_min_agreement": 0.0},
                      benchmark={"warmup": 2, "runs": 5},
                      budget={"max_accuracy_drop": None})  # one epoch: the gate's accuracy is not what is tested
 

@@ -13,8 +13,6 @@ its BatchNorm layers, so dropout and the like stay off and the images are the un
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 import torch
 from torch import nn
@@ -81,10 +79,8 @@ def summary(images: int, before: float, after: float, kept: bool, policy: str) -
             "policy": policy}
 
 
-def describe(info: Optional[dict]) -> str:
+def describe(info: dict) -> str:
     """One log line for `summary`'s dict."""
-    if not info:
-        return ""
     verdict = ("kept" if info["kept"] else
                "not kept: the running statistics score as well or better on the validation split")
     return (f"BatchNorm statistics re-estimated on {info['images']} training images: validation accuracy "
